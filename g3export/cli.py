@@ -1,0 +1,369 @@
+"""`g3export`: the command line. A thin layer: it parses options, calls library functions and turns
+user errors into a one-line message and a non-zero exit (no traceback). Heavy imports happen inside
+the commands, so `g3export --help` is instant.
+
+    g3export run --reference --size 270m --prompt "What is the capital of France?"
+    g3export build --size 270m --target onnx --out builds/270m
+    g3export run builds/270m --prompt "What is the capital of France?"
+    g3export inspect builds/270m
+    g3export plan --size 12b --max-context 131072 --dtype bf16
+    g3export bench builds/270m --prompt-len 512 --new-tokens 64
+    g3export verify builds/270m
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .modeling.config import PRESETS
+
+
+def _user_errors():
+    """The exception types that mean 'bad input', reported without a traceback."""
+    from .modeling.config import ConfigError
+    from .runtimes.generate import GenerationError
+
+    types = [ConfigError, GenerationError, FileNotFoundError]
+    try:
+        from .modeling.weights import CheckpointError
+        types.append(CheckpointError)
+    except ImportError:
+        pass
+    try:
+        from .export.build import BuildError
+        types.append(BuildError)
+    except ImportError:
+        pass
+    try:
+        from .runtimes.images import ImageError
+        types.append(ImageError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except _user_errors() as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+SIZE = click.Choice(list(PRESETS), case_sensitive=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="g3export")
+def main() -> None:
+    """Compile Gemma 3 to ONNX and TensorRT graphs and run them."""
+
+
+# ---------------------------------------------------------------------------------------------
+# model / prompt helpers shared by run, build, bench
+
+def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
+    from .modeling.weights import build_model
+    import torch
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    return build_model(size=size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
+                       all_logits=all_logits)
+
+
+def _tokenizer_for(size, checkpoint, weights):
+    """The tokenizer of a checkpoint, of the embedded 270M, or None (ids only)."""
+    from .runtimes.tokenizer import Tokenizer
+
+    if checkpoint:
+        return Tokenizer.from_checkpoint(checkpoint, required=False)
+    if size and size.lower() == "270m" and weights != "random":
+        from .modeling.embedded import embedded_gguf_path
+        return Tokenizer.from_checkpoint(embedded_gguf_path())
+    return None
+
+
+def _prompt_ids(tokenizer, prompt, prompt_ids, chat_template, config, images=()):
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    if prompt_ids is not None:
+        try:
+            return [int(x) for x in prompt_ids.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise click.UsageError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}")
+    if tokenizer is None:
+        raise click.UsageError("this checkpoint has no tokenizer; pass --prompt-ids 2,105,...")
+    from .runtimes.prompt import build_prompt_ids
+
+    return build_prompt_ids(tokenizer, config, prompt, chat_template=chat_template, n_images=len(images))
+
+
+def _sampling(greedy, temperature, top_k, top_p, seed):
+    from .runtimes.sampling import SamplingConfig
+
+    sampled = any(v is not None for v in (temperature, top_k, top_p))
+    if greedy and sampled:
+        raise click.UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    if not sampled:
+        return SamplingConfig(greedy=True)
+    return SamplingConfig(greedy=False, temperature=1.0 if temperature is None else temperature,
+                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed)
+
+
+def _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_json,
+                        image_features=None, chunk_size=512):
+    from .runtimes.generate import generate
+
+    stream = None
+    if tokenizer is not None and not as_json:
+        decoder = tokenizer.stream_decoder()
+
+        def stream(tok):
+            piece = decoder.feed(tok)
+            if piece:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+    result = generate(session, ids, max_new_tokens, sampling, image_features=image_features,
+                      on_token=stream, chunk_size=chunk_size)
+    result.text = tokenizer.decode(result.token_ids) if tokenizer is not None else ""
+    if as_json:
+        click.echo(json.dumps({
+            "prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
+            "text": result.text, "stop_reason": result.stop_reason,
+            "time_to_first_token_s": result.time_to_first_token_s,
+            "prefill_tokens_per_s": result.prefill_tokens_per_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s}))
+    elif tokenizer is None:
+        click.echo(",".join(map(str, result.token_ids)))
+    else:
+        click.echo()
+    return result
+
+
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True),
+        click.option("--greedy", is_flag=True, help="Argmax decoding (the default when no sampling option is given)."),
+        click.option("--temperature", type=float, default=None),
+        click.option("--top-k", type=click.IntRange(0), default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--prompt", type=str, default=None, help="Prompt text (wrapped in the chat template)."),
+        click.option("--prompt-ids", type=str, default=None,
+                     help="Comma-separated token ids, used exactly as given (no <bos>, no template)."),
+        click.option("--no-chat-template", is_flag=True, help="Use --prompt as raw text (with <bos>)."),
+        click.option("--image", "images", multiple=True, type=click.Path(),
+                     help="An image for the prompt (repeatable)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("build_dir", required=False, type=click.Path())
+@click.option("--reference", is_flag=True, help="Run the PyTorch reference instead of a build.")
+@click.option("--size", type=SIZE, default=None, help="With --reference: a preset size.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="With --reference: a HF directory or a .gguf file.")
+@click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
+              show_default=True)
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="With --reference: cache length (default: prompt + new tokens).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@sampling_options
+@friendly
+def run(build_dir, reference, size, checkpoint, weights, max_context, provider, max_new_tokens,
+        greedy, temperature, top_k, top_p, seed, prompt, prompt_ids, no_chat_template, images,
+        as_json):
+    """Generate text from BUILD_DIR (or from the PyTorch reference with --reference)."""
+    sampling = _sampling(greedy, temperature, top_k, top_p, seed)
+    if reference:
+        if build_dir:
+            raise click.UsageError("--reference runs a checkpoint, not BUILD_DIR")
+        if (size is None) == (checkpoint is None):
+            raise click.UsageError("--reference needs exactly one of --size or --checkpoint")
+        from .runtimes.reference import TorchSession
+
+        model = _load_model(size, checkpoint, weights)
+        tokenizer = _tokenizer_for(size, checkpoint, weights)
+        cfg = model.config
+        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, images)
+        feats = _image_features_reference(model, cfg, images)
+        ctx = max_context or min(cfg.text.max_position_embeddings, len(ids) + max_new_tokens)
+        session = TorchSession(model, max(ctx, 1))
+    else:
+        if not build_dir:
+            raise click.UsageError("give BUILD_DIR, or --reference with --size/--checkpoint")
+        if size or checkpoint:
+            raise click.UsageError("--size/--checkpoint go with --reference; a build knows its model")
+        from .runtimes.loader import open_build
+
+        session, tokenizer = open_build(build_dir, provider=provider)
+        cfg = session.config
+        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, images)
+        feats = _image_features_session(session, cfg, images)
+    _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_json, feats)
+
+
+def _check_images(cfg, images):
+    if images and not cfg.has_vision:
+        raise click.UsageError(f"model {cfg.name!r} has no vision encoder; it cannot take --image")
+
+
+def _image_features_reference(model, cfg, images):
+    _check_images(cfg, images)
+    if not images:
+        return None
+    from .runtimes.images import load_images
+
+    import torch
+    with torch.inference_mode():
+        return model.image_features(torch.as_tensor(load_images(images, cfg))).float().numpy()
+
+
+def _image_features_session(session, cfg, images):
+    _check_images(cfg, images)
+    if not images:
+        return None
+    from .runtimes.images import load_images
+
+    return session.image_features(load_images(images, cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--size", type=SIZE, default=None)
+@click.option("--checkpoint", type=click.Path(), default=None, help="A HF directory or a .gguf file.")
+@click.option("--target", type=click.Choice(["onnx", "trt", "trt-rtx"]), default="onnx", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: fp32 for onnx, bf16 for trt.")
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="KV-cache length (default: min(model maximum, 8192)).")
+@click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
+              show_default=True)
+@click.option("--out", type=click.Path(), default=None, help="Build directory (default: builds/<name>-<target>-<dtype>).")
+@click.option("--force", is_flag=True, help="Replace an existing build directory.")
+@click.option("--all-logits", is_flag=True, help="Graphs return logits of every position.")
+@friendly
+def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits):
+    """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
+    if (size is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --size or --checkpoint")
+    if target != "onnx":
+        from .export.trt import require_tensorrt  # says what to install, before any work
+        require_tensorrt(target)
+    dtype = dtype or ("fp32" if target == "onnx" else "bf16")
+    from .export.build import build as do_build
+    from .modeling.config import preset
+
+    # Check cheap things before loading weights.
+    if size and max_context and max_context > preset(size).text.max_position_embeddings:
+        raise click.UsageError(f"--max-context {max_context} is beyond {size}'s "
+                               f"{preset(size).text.max_position_embeddings}")
+    model = _load_model(size, checkpoint, weights, dtype, all_logits)
+    cfg = model.config
+    if max_context and max_context > cfg.text.max_position_embeddings:
+        raise click.UsageError(f"--max-context {max_context} is beyond the model's "
+                               f"{cfg.text.max_position_embeddings}")
+    ctx = max_context or min(cfg.text.max_position_embeddings, 8192)
+    tokenizer = _tokenizer_for(size, checkpoint, weights)
+    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
+    path = do_build(model, tokenizer.to_json() if tokenizer else None, out, target=target,
+                    dtype=dtype, max_context=ctx, force=force)
+    click.echo(f"built {path}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def inspect(build_dir, as_json):
+    """Components, I/O, dtypes and the KV layout of a build directory."""
+    from .export.build import load_build
+
+    b = load_build(build_dir)
+    m = b.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    click.echo(f"{build_dir}: {m['config']['name']}  target={m['target']}  dtype={m['dtype']}  "
+               f"max_context={m['max_context']}  format={m['format_version']}")
+    for name, comp in m["components"].items():
+        click.echo(f"component {name}: {comp.get('file', '')}")
+        for io in comp["inputs"]:
+            click.echo(f"  in   {io['name']:<20} {io['dtype']:<8} {io['shape']}")
+        for io in comp["outputs"]:
+            alias = f"  (in place of {io['aliases']})" if io.get("aliases") else ""
+            click.echo(f"  out  {io['name']:<20} {io['dtype']:<8} {io['shape']}{alias}")
+    kv = m["kv_layout"]
+    click.echo(f"KV cache: {kv['bytes'] / 2**20:.1f} MiB for batch {kv['batch']}")
+    for lc in kv["layers"]:
+        click.echo(f"  layer {lc['layer']:>3} {lc['layer_type']:<18} slots={lc['slots']:<7} shape={lc['shape']}")
+
+
+@main.command()
+@click.option("--size", type=SIZE, required=True)
+@click.option("--max-context", type=click.IntRange(1), default=None, help="Default: the model's maximum.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(), default=None, help="Write a PNG of KV bytes against context.")
+@friendly
+def plan(size, max_context, dtype, batch, as_json, plot):
+    """Parameters, weight and KV bytes, and the decode bound on H100/H200; no weights needed."""
+    from .plan import plan as make_plan, plot_kv, format_plan
+
+    p = make_plan(size, max_context, dtype, batch)
+    if plot:
+        plot_kv(plot, dtype=dtype, batch=batch)
+    click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--prompt-len", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def bench(build_dir, prompt_len, new_tokens, provider, repeat, as_json):
+    """Time to first token, prefill and decode tokens/s, peak memory, KV bytes."""
+    from .runtimes.bench import bench as do_bench
+
+    r = do_bench(build_dir, prompt_len, new_tokens, provider, repeat)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        for k, v in r.items():
+            click.echo(f"{k:>28}: {v}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def verify(build_dir, provider, as_json):
+    """Run the built graphs and the PyTorch reference on the same inputs; fail beyond tolerance."""
+    from .export.verify import verify as do_verify
+
+    report = do_verify(build_dir, provider=provider)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Sampling: greedy, or temperature / top-k / top-p with a seeded generator (numpy, no torch).
+
+Follows transformers' order of logits processing: temperature, then top-k, then top-p (keep the
+smallest set of most likely tokens whose probability reaches top_p; the most likely always stays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0          # 0 = off
+    top_p: float = 1.0      # 1.0 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use --greedy for argmax)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """logits [B, V] -> token ids [B] (int64)."""
+        if self.cfg.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        return np.array([self._sample_row(row) for row in logits], dtype=np.int64)
+
+    def _sample_row(self, row: np.ndarray) -> int:
+        x = row.astype(np.float64) / self.cfg.temperature
+        k = self.cfg.top_k
+        if 0 < k < x.size:
+            kth = np.partition(x, -k)[-k]
+            x = np.where(x < kth, -np.inf, x)
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        if self.cfg.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = cum - p[order] < self.cfg.top_p  # a token stays if the mass before it is < top_p
+            mask = np.zeros_like(p, dtype=bool)
+            mask[order[keep]] = True
+            p = np.where(mask, p, 0.0)
+            p /= p.sum()
+        return int(self.rng.choice(p.size, p=p))
