@@ -76,7 +76,7 @@ def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
     import torch
 
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    return build_model(size=size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
+    return build_model(size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
                        all_logits=all_logits)
 
 
@@ -173,7 +173,8 @@ def sampling_options(fn):
 @main.command()
 @click.argument("build_dir", required=False, type=click.Path())
 @click.option("--reference", is_flag=True, help="Run the PyTorch reference instead of a build.")
-@click.option("--size", type=SIZE, default=None, help="With --reference: a preset size.")
+@click.option("--size", type=SIZE, default=None,
+              help="With --reference: a preset size (with --checkpoint: checked against it).")
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="With --reference: a HF directory or a .gguf file.")
 @click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
@@ -191,8 +192,8 @@ def run(build_dir, reference, size, checkpoint, weights, max_context, provider, 
     if reference:
         if build_dir:
             raise click.UsageError("--reference runs a checkpoint, not BUILD_DIR")
-        if (size is None) == (checkpoint is None):
-            raise click.UsageError("--reference needs exactly one of --size or --checkpoint")
+        if size is None and checkpoint is None:
+            raise click.UsageError("--reference needs --size or --checkpoint (both: they must match)")
         from .runtimes.reference import TorchSession
 
         model = _load_model(size, checkpoint, weights)
@@ -258,8 +259,8 @@ def _image_features_session(session, cfg, images):
 @friendly
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
-    if (size is None) == (checkpoint is None):
-        raise click.UsageError("give exactly one of --size or --checkpoint")
+    if size is None and checkpoint is None:
+        raise click.UsageError("give --size or --checkpoint (both: they must match)")
     if target != "onnx":
         from .export.trt import require_tensorrt  # says what to install, before any work
         require_tensorrt(target)

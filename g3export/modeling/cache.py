@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import TextConfig
+from .config import ConfigError, TextConfig
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -57,7 +57,7 @@ class KVLayout:
 
 def kv_layout(cfg: TextConfig, max_context: int, batch: int = 1, dtype: str = "fp32") -> KVLayout:
     if not 0 < max_context <= cfg.max_position_embeddings:
-        raise ValueError(f"max_context {max_context} must be in 1..{cfg.max_position_embeddings} "
+        raise ConfigError(f"max_context {max_context} must be in 1..{cfg.max_position_embeddings} "
                          "(the model's max_position_embeddings)")
     layers = tuple(
         LayerCache(i, cfg.layer_types[i], cfg.cache_length(i, max_context), cfg.window(i),

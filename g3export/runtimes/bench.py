@@ -1,0 +1,41 @@
+"""`g3export bench`: time to first token, prefill and decode tokens/s, peak memory and KV bytes of a
+build, on a synthetic prompt of fixed length (token ids drawn with a fixed seed, so runs compare).
+
+The figures come from the same generation loop users run (greedy, no stop tokens). Peak memory is
+the process's peak RSS (ru_maxrss) after the run: weights, cache and ORT's arenas together.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from .generate import generate
+from .loader import open_build
+
+
+def bench(build_dir, prompt_len: int = 512, new_tokens: int = 64, provider: str = "cpu",
+          repeat: int = 1) -> dict:
+    t0 = time.perf_counter()
+    session, _ = open_build(build_dir, provider=provider)
+    load_s = time.perf_counter() - t0
+    cfg = session.config
+    if prompt_len + new_tokens > session.max_context:
+        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the build's "
+                         f"max_context {session.max_context}")
+    rng = np.random.default_rng(0)
+    # ordinary text tokens: above the control/special ids, below the image/unused ranges
+    ids = rng.integers(1000, min(cfg.text.vocab_size, 200_000), size=prompt_len).tolist()
+    runs = [generate(session, ids, new_tokens, stop_ids=[]) for _ in range(repeat)]
+    best = min(runs, key=lambda r: r.prefill_s + r.decode_s)
+    return {
+        "build": str(build_dir), "provider": provider, "prompt_len": prompt_len,
+        "new_tokens": len(best.token_ids), "session_load_s": round(load_s, 3),
+        "time_to_first_token_s": round(best.time_to_first_token_s, 4),
+        "prefill_tokens_per_s": round(best.prefill_tokens_per_s, 1),
+        "decode_tokens_per_s": round(best.decode_tokens_per_s, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "kv_bytes": session.kv_bytes,
+    }
