@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random Hugging Face checkpoints written with save_pretrained, so every
 parity test compares g3export with transformers' own Gemma 3 on files transformers wrote."""
 
+import os
+
 import pytest
 import torch
+
+# No GPU (CI, dev machines): Triton kernels run under Triton's interpreter. It must be set before
+# triton is first imported, so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (pip install -e .[dev])")
 
