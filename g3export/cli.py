@@ -28,23 +28,14 @@ def _user_errors():
     from .modeling.config import ConfigError
     from .runtimes.generate import GenerationError
 
-    types = [ConfigError, GenerationError, FileNotFoundError]
-    try:
-        from .modeling.weights import CheckpointError
-        types.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        from .export.build import BuildError
-        types.append(BuildError)
-    except ImportError:
-        pass
-    try:
-        from .runtimes.images import ImageError
-        types.append(ImageError)
-    except ImportError:
-        pass
-    return tuple(types)
+    from .export.build import BuildError
+    from .modeling.weights import CheckpointError
+    from .runtimes.images import ImageError
+    from .runtimes.prompt import PromptError
+    from .runtimes.tokenizer import TokenizerError
+
+    return (ConfigError, GenerationError, FileNotFoundError, CheckpointError, BuildError,
+            ImageError, PromptError, TokenizerError)
 
 
 def friendly(fn):
@@ -82,29 +73,37 @@ def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
 
 def _tokenizer_for(size, checkpoint, weights):
     """The tokenizer of a checkpoint, of the embedded 270M, or None (ids only)."""
-    from .runtimes.tokenizer import Tokenizer
+    from .runtimes.tokenizer import Tokenizer, TokenizerError
 
     if checkpoint:
-        return Tokenizer.from_checkpoint(checkpoint, required=False)
+        try:
+            return Tokenizer.from_checkpoint(checkpoint)
+        except TokenizerError:
+            return None  # a checkpoint without a tokenizer: --prompt-ids still works
     if size and size.lower() == "270m" and weights != "random":
         from .modeling.embedded import embedded_gguf_path
         return Tokenizer.from_checkpoint(embedded_gguf_path())
     return None
 
 
-def _prompt_ids(tokenizer, prompt, prompt_ids, chat_template, config, images=()):
+def _prompt_ids(tokenizer, prompt, prompt_ids, chat_template, config, crops_per_image=()):
+    """Prompt ids from --prompt (template, image expansion) or --prompt-ids (used as given)."""
+    from .runtimes.prompt import build_prompt_ids, check_prompt_image_tokens
+
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if prompt_ids is not None:
         try:
-            return [int(x) for x in prompt_ids.replace(" ", "").split(",") if x != ""]
+            ids = [int(x) for x in prompt_ids.replace(" ", "").split(",") if x != ""]
         except ValueError:
             raise click.UsageError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}")
+        if config.has_vision:
+            check_prompt_image_tokens(ids, config, sum(crops_per_image))
+        return ids
     if tokenizer is None:
         raise click.UsageError("this checkpoint has no tokenizer; pass --prompt-ids 2,105,...")
-    from .runtimes.prompt import build_prompt_ids
-
-    return build_prompt_ids(tokenizer, config, prompt, chat_template=chat_template, n_images=len(images))
+    return build_prompt_ids(tokenizer, config, prompt, chat_template=chat_template,
+                            images=list(crops_per_image))
 
 
 def _sampling(greedy, temperature, top_k, top_p, seed):
@@ -125,7 +124,7 @@ def _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_js
 
     stream = None
     if tokenizer is not None and not as_json:
-        decoder = tokenizer.stream_decoder()
+        decoder = tokenizer.stream()
 
         def stream(tok):
             piece = decoder.feed(tok)
@@ -145,7 +144,7 @@ def _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_js
     elif tokenizer is None:
         click.echo(",".join(map(str, result.token_ids)))
     else:
-        click.echo()
+        click.echo(decoder.flush())
     return result
 
 
@@ -163,6 +162,8 @@ def sampling_options(fn):
         click.option("--no-chat-template", is_flag=True, help="Use --prompt as raw text (with <bos>)."),
         click.option("--image", "images", multiple=True, type=click.Path(),
                      help="An image for the prompt (repeatable)."),
+        click.option("--pan-and-scan", is_flag=True,
+                     help="Add crops of wide or tall images (HF's Pan & Scan defaults)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line."),
     ]):
         fn = opt(fn)
@@ -186,7 +187,7 @@ def sampling_options(fn):
 @friendly
 def run(build_dir, reference, size, checkpoint, weights, max_context, provider, max_new_tokens,
         greedy, temperature, top_k, top_p, seed, prompt, prompt_ids, no_chat_template, images,
-        as_json):
+        pan_and_scan, as_json):
     """Generate text from BUILD_DIR (or from the PyTorch reference with --reference)."""
     sampling = _sampling(greedy, temperature, top_k, top_p, seed)
     if reference:
@@ -199,8 +200,8 @@ def run(build_dir, reference, size, checkpoint, weights, max_context, provider, 
         model = _load_model(size, checkpoint, weights)
         tokenizer = _tokenizer_for(size, checkpoint, weights)
         cfg = model.config
-        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, images)
-        feats = _image_features_reference(model, cfg, images)
+        pixels, crops = _images(cfg, images, pan_and_scan)
+        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, crops)
         ctx = max_context or min(cfg.text.max_position_embeddings, len(ids) + max_new_tokens)
         session = TorchSession(model, max(ctx, 1))
     else:
@@ -212,34 +213,21 @@ def run(build_dir, reference, size, checkpoint, weights, max_context, provider, 
 
         session, tokenizer = open_build(build_dir, provider=provider)
         cfg = session.config
-        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, images)
-        feats = _image_features_session(session, cfg, images)
+        pixels, crops = _images(cfg, images, pan_and_scan)
+        ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, crops)
+    feats = session.image_features(pixels) if pixels is not None else None
     _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_json, feats)
 
 
-def _check_images(cfg, images):
-    if images and not cfg.has_vision:
+def _images(cfg, images, pan_and_scan):
+    """(pixel values or None, crops per image); checked before any model work is done."""
+    if not images:
+        return None, []
+    if not cfg.has_vision:
         raise click.UsageError(f"model {cfg.name!r} has no vision encoder; it cannot take --image")
+    from .runtimes.images import prepare_images
 
-
-def _image_features_reference(model, cfg, images):
-    _check_images(cfg, images)
-    if not images:
-        return None
-    from .runtimes.images import load_images
-
-    import torch
-    with torch.inference_mode():
-        return model.image_features(torch.as_tensor(load_images(images, cfg))).float().numpy()
-
-
-def _image_features_session(session, cfg, images):
-    _check_images(cfg, images)
-    if not images:
-        return None
-    from .runtimes.images import load_images
-
-    return session.image_features(load_images(images, cfg))
+    return prepare_images(images, cfg, pan_and_scan=pan_and_scan)
 
 
 # ---------------------------------------------------------------------------------------------
