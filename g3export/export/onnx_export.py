@@ -1,0 +1,490 @@
+"""Export the text component of Gemma 3 to ONNX (DESIGN §3.4): torch.export → ONNX with the
+attention op translated for ONNX Runtime (g3export.export.onnx_attention), weights written tensor
+by tensor as external data (one `text.onnx` + one `text.onnx.data`).
+
+The text component's I/O contract (`text_io()` builds it; the manifest stores it):
+
+    name               dtype            shape                      notes
+    -----------------  ---------------  -------------------------  ---------------------------------
+    input_ids          int64            [batch, seq]               a chunk of T >= 1 tokens
+    start_pos          int64            [1]                        absolute position of input_ids[:,0]
+    image_features     model dtype      [image_tokens, hidden]     only if exported with images=True:
+                                                                   rows for the chunk's image soft
+                                                                   tokens in order (text-only graphs
+                                                                   do not have this input)
+    past_key_{i}       model dtype      [batch, KV, S_i, D]        layer i, S_i = max_context (full)
+    past_value_{i}     model dtype      [batch, KV, S_i, D]        or W (sliding ring), i = 0..L-1
+    -----------------  ---------------  -------------------------  ---------------------------------
+    logits             float32          [batch, 1, V]              last position ([batch, seq, V]
+                                                                   when exported with all_logits)
+    present_key_{i}    model dtype      [batch, KV, S_i, D]        aliases past_key_{i}
+    present_value_{i}  model dtype      [batch, KV, S_i, D]        aliases past_value_{i}
+
+"model dtype" is fp32 (CPU), fp16 or bf16 (GPU); the model is cast before export. Logits are
+always float32 (cast in the graph) so sampling is dtype-independent. `present_*` alias `past_*`:
+the runtime binds one buffer to both and the graph writes the chunk into it in place (ScatterND,
+see onnx_attention for why that is ordered after every read). Cache slot rule: slot = position
+mod S_i (g3export.modeling.cache).
+
+Graph details that matter for memory and speed:
+* The tied 262144-row embedding is ONE initializer: `Gather` reads it for the lookup and the
+  lm_head is `Gemm(x, E, transB=1)` on the same initializer. torch.onnx emits
+  `MatMul(x, Transpose(E))`, which ONNX Runtime's constant folding would turn into a second,
+  transposed copy (1 GiB at 12B bf16); `_tie_lm_head` rewrites it.
+* The other Linear weights come out of torch.onnx as `MatMul(x, Transpose(W))`; `_fold_weight_
+  transposes` stores W^T as the initializer (lazily, at write time) so ORT has nothing to fold
+  and no weight is transposed at session start.
+* The onnxscript optimizer is NOT run: on the tiny model it adds ~16 s to the export, and all it
+  does that matters here (the transposes) is done by the two passes above; ORT applies its own
+  graph optimizations (ORT_ENABLE_ALL) at session start.
+* IR version 10 (opset 20): onnx 1.23 would write IR 14, which onnxruntime does not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from ..modeling.cache import kv_layout
+from ..modeling.config import ModelConfig
+from ..modeling.text import Gemma3Model
+from .onnx_attention import TRANSLATION_TABLE, reset_shared
+
+OPSET = 20
+IR_VERSION = 10  # what onnxruntime >= 1.18 reads; onnx 1.23 defaults to 14
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def ir_version_for(opset: int) -> int:
+    """The lowest IR version that allows `opset` (onnx's VERSION_TABLE), at least IR_VERSION:
+    onnxruntime rejects newer IR versions than it knows, and onnx 1.23 writes 14."""
+    return max(IR_VERSION, {23: 11, 24: 12, 25: 13}.get(opset, IR_VERSION if opset <= 22 else 13))
+
+
+# ---------------------------------------------------------------------------------------------
+# The I/O contract, as data
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                          # numpy-style name: int64, float32, float16, bfloat16
+    shape: tuple[int | str, ...]        # str = symbolic dim
+    aliases: str | None = None          # output only: the input whose buffer it shares
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "aliases": self.aliases}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), d.get("aliases"))
+
+
+@dataclass(frozen=True)
+class ComponentIO:
+    """One component's graph: its file and its inputs/outputs (names, dtypes, symbolic shapes,
+    which output aliases which input)."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "options": dict(self.options),
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ComponentIO":
+        return cls(d["name"], d["file"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), dict(d.get("options", {})))
+
+
+def text_io(cfg: ModelConfig, max_context: int, dtype: str = "fp32", all_logits: bool = False,
+            images: bool = False, batch: int | None = None, file: str = "text.onnx") -> ComponentIO:
+    """The text component's contract (see the module docstring). batch=None: symbolic."""
+    t = cfg.text
+    b: int | str = "batch" if batch is None else batch
+    mdt = ONNX_DTYPE_NAMES[dtype]
+    layout = kv_layout(t, max_context, 1, dtype)
+    inputs = [TensorSpec("input_ids", "int64", (b, "seq")), TensorSpec("start_pos", "int64", (1,))]
+    if images:
+        inputs.append(TensorSpec("image_features", mdt, ("image_tokens", t.hidden_size)))
+    outputs = [TensorSpec("logits", "float32", (b, "seq" if all_logits else 1, t.vocab_size))]
+    for lc in layout.layers:
+        shape = (b, *lc.shape[1:])
+        for past in (lc.k_name, lc.v_name):
+            inputs.append(TensorSpec(past, mdt, shape))
+            outputs.append(TensorSpec(past.replace("past_", "present_"), mdt, shape, aliases=past))
+    return ComponentIO("text", file, tuple(inputs), tuple(outputs),
+                       {"all_logits": all_logits, "images": images, "opset": OPSET})
+
+
+# ---------------------------------------------------------------------------------------------
+# The module that torch.export sees
+
+
+class TextComponent(nn.Module):
+    """Flat I/O wrapper: (input_ids, start_pos, [image_features,] *caches) -> (logits, *caches)."""
+
+    def __init__(self, model: Gemma3Model, images: bool = False):
+        super().__init__()
+        self.model = model
+        self.images = images
+
+    def forward(self, input_ids, start_pos, *rest):
+        if self.images:
+            image_features, caches = rest[0], list(rest[1:])
+        else:
+            image_features, caches = None, list(rest)
+        logits, new = self.model(input_ids, start_pos, caches, image_features)
+        return (logits.float(), *new)
+
+
+def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype: str = "fp32",
+                all_logits: bool = False, images: bool = False, dynamic_batch: bool = True,
+                progress: bool = True, file: str = "text.onnx",
+                translation_table: dict | None = None, opset: int = OPSET) -> ComponentIO:
+    """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
+
+    The model is cast to `dtype` IN PLACE (the build owns it); its all_logits flag is set for the
+    export and restored afterwards. translation_table/opset: another translation of g3.attention
+    (default: this package's ONNX Runtime one, opset 20).
+    """
+    out_dir = Path(out_dir)
+    cfg = model.config
+    io = text_io(cfg, max_context, dtype, all_logits, images, None if dynamic_batch else 1, file)
+    io.options["opset"] = opset
+    torch_dtype = TORCH_DTYPES[dtype]
+    model.to(torch_dtype).eval()
+    layout = kv_layout(cfg.text, max_context, 1, dtype)
+    caches = [torch.zeros(lc.shape, dtype=torch_dtype) for lc in layout.layers for _ in "kv"]
+    ids = torch.zeros(1, 3, dtype=torch.int64)
+    start = torch.zeros(1, dtype=torch.int64)
+    args: list[Any] = [ids, start]
+    batch = torch.export.Dim("batch", min=1, max=1024) if dynamic_batch else None
+    seq = torch.export.Dim("seq", min=1, max=max_context)
+    ds: list[Any] = [{0: batch, 1: seq} if batch else {1: seq}, None]
+    rest_ds: list[Any] = []  # forward(input_ids, start_pos, *rest): one spec for the varargs tuple
+    if images:
+        img_tokens = torch.export.Dim("image_tokens", min=1, max=max_context)
+        args.append(torch.zeros(2, cfg.text.hidden_size, dtype=torch_dtype))
+        rest_ds.append({0: img_tokens})
+    args.extend(caches)
+    rest_ds.extend({0: batch} if batch else None for _ in caches)
+    ds.append(tuple(rest_ds))
+
+    old = model.all_logits
+    model.all_logits = all_logits
+    reset_shared()
+    try:
+        with _quiet():
+            prog = torch.onnx.export(
+                TextComponent(model, images), tuple(args), dynamo=True, dynamic_shapes=tuple(ds),
+                custom_translation_table=translation_table or TRANSLATION_TABLE, optimize=False,
+                opset_version=opset,
+                input_names=[t.name for t in io.inputs], output_names=[t.name for t in io.outputs],
+                verbose=False)
+    finally:
+        model.all_logits = old
+        reset_shared()
+    m = prog.model
+    embed = model.language_model.embed_tokens.weight
+    _tie_lm_head(m, embed)
+    _fold_weight_transposes(m)
+    _fuse_rms_norm(m)
+    _drop_unused_initializers(m)
+    _strip_metadata(m)
+    m.ir_version = ir_version_for(opset)
+    _check_io(m, io)
+    save_with_external_data(m, out_dir / file, progress=progress)
+    return io
+
+
+class _quiet:
+    """Silence torch.onnx's progress prints (we show our own)."""
+
+    def __enter__(self):
+        import contextlib
+        import io as _io
+        import warnings
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(_io.StringIO()))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+
+def _check_io(m: ir.Model, io: ComponentIO) -> None:
+    got_in = [v.name for v in m.graph.inputs]
+    got_out = [v.name for v in m.graph.outputs]
+    want_in = [t.name for t in io.inputs]
+    want_out = [t.name for t in io.outputs]
+    if got_in != want_in or got_out != want_out:
+        raise RuntimeError(f"exported graph I/O {got_in} -> {got_out} does not match the contract "
+                           f"{want_in} -> {want_out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph passes
+
+
+def _find_initializer(m: ir.Model, tensor: torch.Tensor) -> ir.Value:
+    for v in m.graph.initializers.values():
+        cv = v.const_value
+        raw = getattr(cv, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.data_ptr() == tensor.data_ptr() \
+                and tuple(raw.shape) == tuple(tensor.shape):
+            return v
+    raise RuntimeError("the embedding weight is not an initializer of the exported graph")
+
+
+def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
+    """MatMul(x, Transpose(E)) -> Reshape(Gemm(Reshape(x, [-1, hidden]), E, transB=1), [..., V])."""
+    e = _find_initializer(m, embed)
+    vocab, hidden = embed.shape
+    g = m.graph
+    n_rewritten = 0
+    for tr in [u for u, _ in e.uses() if u.op_type == "Transpose"]:
+        perm = tr.attributes.get("perm")
+        if perm is None or tuple(perm.value) != (1, 0):
+            continue
+        for mm, idx in list(tr.outputs[0].uses()):
+            if mm.op_type != "MatMul" or idx != 1:
+                raise RuntimeError(f"unexpected use of the transposed embedding: {mm.op_type}")
+            x = mm.inputs[0]
+            y = mm.outputs[0]
+
+            def const(name, vals):
+                t = ir.tensor(torch.tensor(vals, dtype=torch.int64), name=name)
+                v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape), type=ir.TensorType(ir.DataType.INT64))
+                g.register_initializer(v)
+                return v
+
+            flat_shape = const(f"{mm.name}_flat_shape", [-1, hidden])
+            vocab_dim = const(f"{mm.name}_vocab_dim", [vocab])
+            n_flat = ir.node("Reshape", [x, flat_shape])
+            n_gemm = ir.node("Gemm", [n_flat.outputs[0], e], attributes={"transB": 1})
+            n_lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
+            n_shape = ir.node("Concat", [n_lead.outputs[0], vocab_dim], attributes={"axis": 0})
+            n_out = ir.node("Reshape", [n_gemm.outputs[0], n_shape.outputs[0]])
+            g.insert_before(mm, [n_flat, n_gemm, n_lead, n_shape, n_out])
+            new_y = n_out.outputs[0]
+            new_y.shape, new_y.type = y.shape, y.type
+            name = y.name
+            ir.convenience.replace_all_uses_with(y, new_y, replace_graph_outputs=True)
+            y.name = f"{name}_replaced"
+            new_y.name = name
+            g.remove(mm, safe=True)
+            n_rewritten += 1
+        g.remove(tr, safe=True)
+    if n_rewritten != 1:
+        raise RuntimeError(f"expected one lm_head MatMul on the embedding, rewrote {n_rewritten}")
+
+
+def _fold_weight_transposes(m: ir.Model) -> None:
+    """Transpose(W) of a 2-D initializer used only there -> initializer W^T (computed lazily)."""
+    g = m.graph
+    for v in list(g.initializers.values()):
+        uses = list(v.uses())
+        if len(uses) != 1 or uses[0][0].op_type != "Transpose" or v.const_value is None:
+            continue
+        tr = uses[0][0]
+        perm = tr.attributes.get("perm")
+        if len(v.shape) != 2 or perm is None or tuple(perm.value) != (1, 0):
+            continue
+        raw = getattr(v.const_value, "raw", None)
+        if not isinstance(raw, torch.Tensor):
+            continue
+        out = tr.outputs[0]
+        name = v.name + ".T"
+        lazy = ir.LazyTensor(_transposer(raw), dtype=v.const_value.dtype,
+                             shape=ir.Shape([raw.shape[1], raw.shape[0]]), name=name)
+        nv = ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
+        g.register_initializer(nv)
+        ir.convenience.replace_all_uses_with(out, nv)
+        g.remove(tr, safe=True)
+        g.initializers.pop(v.name)
+
+
+def _single_use(v: ir.Value, op_type: str) -> ir.Node | None:
+    uses = list(v.uses())
+    if len(uses) == 1 and uses[0][0].op_type == op_type and not v.is_graph_output():
+        return uses[0][0]
+    return None
+
+
+def _other(node: ir.Node, v: ir.Value) -> ir.Value | None:
+    a, b = node.inputs
+    return b if a is v else a if b is v else None
+
+
+def _const_scalar(v: ir.Value | None) -> float | None:
+    if v is None:
+        return None
+    cv = v.const_value
+    if cv is None and v.producer() is not None and v.producer().op_type == "Constant":
+        attr = v.producer().attributes.get("value")
+        cv = attr.value if attr is not None else None
+    if cv is None or cv.size != 1:
+        return None
+    return float(cv.numpy().reshape(()))
+
+
+def _fuse_rms_norm(m: ir.Model) -> int:
+    """x * 1/sqrt(mean(x^2, -1) + eps) * s  ->  SimplifiedLayerNormalization(x, s).
+
+    torch.export writes Gemma's RMSNorm as Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: seven
+    kernels, times 2 + 4 per layer. ORT's contrib SimplifiedLayerNormalization (onnx domain, CPU
+    and CUDA) does it in one, in fp32 (stash_type 1), which is what RMSNorm.forward computes.
+    Returns the number of norms fused.
+    """
+    g = m.graph
+    fused = 0
+    for rm in [n for n in g if n.op_type == "ReduceMean"]:
+        pw = rm.inputs[0].producer()
+        if pw is None or pw.op_type != "Pow" or _const_scalar(pw.inputs[1]) != 2.0:
+            continue
+        # a mean over the last axis only, keepdims (read from the shapes: the axes input is a
+        # small Reshape-of-Constant chain in the exported graph)
+        si, so = rm.inputs[0].shape, rm.outputs[0].shape
+        if si is None or so is None or len(si) != len(so) or so[-1] != 1 or \
+                isinstance(si[-1], ir.SymbolicDim) or list(si)[:-1] != list(so)[:-1]:
+            continue
+        x = pw.inputs[0]
+        add = _single_use(rm.outputs[0], "Add")
+        eps = _const_scalar(_other(add, rm.outputs[0])) if add else None
+        sq = _single_use(add.outputs[0], "Sqrt") if add else None
+        rc = _single_use(sq.outputs[0], "Reciprocal") if sq else None
+        mul = _single_use(rc.outputs[0], "Mul") if rc else None
+        if eps is None or mul is None or _other(mul, rc.outputs[0]) is not x:
+            continue
+        mul2 = _single_use(mul.outputs[0], "Mul")
+        if mul2 is None:
+            continue
+        scale = _other(mul2, mul.outputs[0])
+        if scale is None or scale.shape is None or len(scale.shape) != 1:
+            continue
+        y = mul2.outputs[0]
+        n = ir.node("SimplifiedLayerNormalization", [x, scale],
+                    attributes={"axis": -1, "epsilon": float(eps), "stash_type": 1})
+        g.insert_before(mul2, n)
+        out = n.outputs[0]
+        out.shape, out.type = y.shape, y.type
+        name = y.name
+        ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
+        y.name = f"{name}_unfused"
+        out.name = name
+        for dead in (mul2, mul, rc, sq, add, rm):
+            g.remove(dead, safe=True)
+        if not list(pw.outputs[0].uses()):
+            g.remove(pw, safe=True)
+        fused += 1
+    return fused
+
+
+def _drop_unused_initializers(m: ir.Model) -> None:
+    g = m.graph
+    inputs = set(id(v) for v in g.inputs)
+    for name, v in list(g.initializers.items()):
+        if not list(v.uses()) and not v.is_graph_output() and id(v) not in inputs:
+            g.initializers.pop(name)
+
+
+def _strip_metadata(m: ir.Model) -> None:
+    """Drop the exporter's per-node stack traces (they made text.onnx 7 MB at 270M)."""
+    for n in m.graph:
+        n.metadata_props.clear()
+
+
+def _transposer(t: torch.Tensor) -> Callable[[], ir.TensorProtocol]:
+    return lambda: ir.tensor(t.detach().t().contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True,
+                            align_large: int = 65536, large: int = 1 << 20,
+                            inline_below: int = 1024) -> None:
+    """Write every initializer, one at a time, into `path`.data and the graph into `path`.
+
+    Tensors of `large` bytes or more start at a multiple of `align_large` (page/allocation
+    granularity, so ONNX Runtime can memory-map them); the rest at a multiple of 64.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    inits = list(m.graph.initializers.values())
+    total = sum(v.const_value.nbytes for v in inits if v.const_value is not None)
+    # (the progress total counts the few inline bytes too; they are negligible)
+    offset = 0
+    with open(path.parent / data_name, "wb") as f, tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"writing {data_name}",
+            disable=not progress, leave=False) as bar:
+        for v in inits:
+            t = v.const_value
+            if t is None or t.nbytes < inline_below or t.dtype == ir.DataType.INT64:
+                continue  # shape constants stay inline: ORT's shape inference reads them
+            data = t.tobytes()
+            align = align_large if len(data) >= large else 64
+            pad = (-offset) % align
+            if pad:
+                f.write(b"\0" * pad)
+                offset += pad
+            f.write(data)
+            v.const_value = ir.ExternalTensor(data_name, offset, len(data), t.dtype, shape=t.shape,
+                                              name=v.name, base_dir=path.parent)
+            offset += len(data)
+            bar.update(len(data))
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+    ir.save(m, path)
+
+
+def initializer_bytes(onnx_path: str | Path) -> dict[str, int]:
+    """name -> bytes of every initializer of an ONNX file (without loading external data)."""
+    import onnx
+
+    mp = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for t in mp.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            out[t.name] = int(ext["length"])
+        else:
+            out[t.name] = len(t.raw_data) if t.raw_data else len(onnx.numpy_helper.to_array(t).tobytes())
+    return out
+
+
+def iter_initializers(onnx_path: str | Path) -> Iterable[tuple[str, Any]]:
+    """(name, numpy array) of every initializer, external data loaded lazily one at a time."""
+    m = ir.load(str(onnx_path))
+    for name, v in m.graph.initializers.items():
+        yield name, v.const_value.numpy()

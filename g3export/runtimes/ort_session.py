@@ -1,0 +1,277 @@
+"""ONNX Runtime session over a build directory (DESIGN §3.7): one InferenceSession per component,
+the static KV cache allocated once and bound as both input and output of the text graph.
+
+    sess = OrtSession.from_build("builds/270m-onnx", provider="cpu")
+    logits = sess.forward(ids, start_pos=0)      # float32 [B, V]; cache updated in place
+    sess.reset()
+
+Memory per step: nothing is allocated for the caches. Every past_key_i / past_value_i OrtValue is
+created once (zeros: masked ring slots must hold finite numbers, 0 * NaN would poison the
+probability-weighted sum) and bound with IOBinding as the input AND as present_key_i /
+present_value_i; the graph's ScatterND writes the chunk into it (see
+g3export.export.onnx_attention for why the write is ordered after the reads). Last-position
+logits are bound to one preallocated [B, 1, V] float32 buffer; with an all-logits graph the
+logits output is left to ORT (its shape changes with the chunk).
+
+Threads: intra_op = physical cores (psutil if present, else the affinity mask), inter_op 1,
+sequential execution, ORT_ENABLE_ALL. Pool threads spin by default (ORT's default, good on an idle
+machine); on cores shared with other busy processes spinning makes decode ~1.5x slower (270M:
+108 vs 70 ms/step measured here under load), so `spinning=False` / G3_ORT_SPIN=0 turns it off.
+
+Optimized-model cache (`optimized_model_cache=PATH`): the first session writes ORT's optimized
+graph (+ PATH.data for its weights), later ones load it. Measured on the 270M fp32 build (loaded
+machine, noisy): normal start 2.8-4.9 s, writing the cache 4.2-8.3 s, starting from it 1.9-2.9 s.
+A gain of ~1-2 s per start, but the file is hardware-specific (ORT warns about NCHWc layouts) and
+doubles the disk use, so it is off by default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..modeling.cache import kv_layout
+from ..modeling.config import ModelConfig
+from .session import Session
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider is not available in this onnxruntime."""
+
+
+def physical_cores() -> int:
+    try:
+        import psutil  # type: ignore
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return max(1, min(n, len(os.sched_getaffinity(0))))
+    except Exception:
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None,
+                    profile: str | None = None, spinning: bool | None = None):
+    """threads: intra-op threads (default: physical cores). spinning: let idle pool threads spin
+    (ORT's default, best on an otherwise idle machine); False when the cores are shared with other
+    busy processes (G3_ORT_SPIN=0 sets it too)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or physical_cores()
+    if spinning is None and os.environ.get("G3_ORT_SPIN") is not None:
+        spinning = os.environ["G3_ORT_SPIN"] not in ("0", "false", "no")
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: its constant folding warns once per folded constant
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+        # weights go to a side file (protobuf caps one file at 2 GB)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    os.path.basename(optimized_path) + ".data")
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    return so
+
+
+def resolve_provider(provider: str) -> tuple[str, str]:
+    """'cpu' | 'cuda' -> (ORT provider name, OrtValue device type); clear error if unavailable."""
+    import onnxruntime as ort
+
+    key = provider.lower()
+    if key not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
+    name = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = (" Install onnxruntime-gpu (pip install 'g3export[gpu]') on a machine with a CUDA "
+                "GPU, or run with --provider cpu." if key == "cuda" else "")
+        raise ProviderError(f"{name} is not available in this onnxruntime {ort.__version__} "
+                            f"(available: {', '.join(available)}).{hint}")
+    return name, ("cuda" if key == "cuda" else "cpu")
+
+
+class OrtSession(Session):
+    """Runs the text graph with the KV cache bound in place. See the module docstring."""
+
+    def __init__(self, config: ModelConfig, text_path: str | Path, io, max_context: int,
+                 dtype: str = "fp32", provider: str = "cpu", batch: int = 1,
+                 threads: int | None = None, max_chunk: int | None = 512,
+                 optimized_model_cache: str | Path | None = None, profile: str | None = None,
+                 spinning: bool | None = None):
+        import onnxruntime as ort
+
+        self.config = config
+        self.max_context = max_context
+        self.batch = batch
+        self.dtype = dtype
+        self.io = io
+        self.max_chunk = max_chunk
+        self.provider, self.device = resolve_provider(provider)
+        if dtype == "bf16" and self.device == "cpu":
+            raise ProviderError("this is a bf16 build: ONNX Runtime's CPU provider has no bf16 "
+                                "kernels (Mul, MatMul, ...). Run it with --provider cuda, or "
+                                "build with --dtype fp32 for CPU (fp16 also runs on CPU, slowly)")
+        self.layout = kv_layout(config.text, max_context, batch, dtype)
+        model_path = str(text_path)
+        so_path = None
+        if optimized_model_cache is not None:
+            cache = Path(optimized_model_cache)
+            if cache.exists():
+                model_path = str(cache)
+            else:
+                so_path = str(cache)
+        so = session_options(threads, so_path, profile, spinning)
+        providers = [self.provider] if self.provider == "CPUExecutionProvider" else [
+            self.provider, "CPUExecutionProvider"]
+        self.sess = ort.InferenceSession(model_path, so, providers=providers)
+
+        # numpy dtype with the cache's element size, and the ONNX element type (bf16 has no numpy
+        # dtype: its buffers are uint16 arrays reinterpreted as bfloat16, no copy)
+        np_dt, onnx_type = {"fp32": (np.float32, 1), "fp16": (np.float16, 10),
+                            "bf16": (np.uint16, 16)}[dtype]
+        self._buffers: list[np.ndarray] = []  # CPU: the numpy arrays that ARE the caches
+        self._cache_values: list[tuple[str, str, ort.OrtValue]] = []
+        for lc in self.layout.layers:
+            for past in (lc.k_name, lc.v_name):
+                present = past.replace("past_", "present_")
+                # zeros, not garbage: masked ring slots are multiplied by probability 0, and
+                # 0 * NaN would poison the sum
+                host = np.zeros(lc.shape, dtype=np_dt)
+                if self.device == "cpu":
+                    host.fill(0)  # touch every page now: no page faults while decoding, and
+                    # the process really holds kv_bytes from the start
+                    self._buffers.append(host)
+                    ov = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, onnx_type)
+                else:
+                    ov = ort.OrtValue.ortvalue_from_shape_and_type(list(lc.shape), onnx_type,
+                                                                    self.device, 0)
+                    ov.update_inplace(ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, onnx_type))
+                self._cache_values.append((past, present, ov))
+        self._kv_bytes = self._measure_kv_bytes()
+
+        self.all_logits = bool(io.options.get("all_logits", False))
+        v = config.text.vocab_size
+        self._logits = None
+        if not self.all_logits:
+            self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, v], np.float32,
+                                                                     self.device, 0)
+        self._start = np.zeros(1, dtype=np.int64)
+        self._no_image_row = np.zeros((1, config.text.hidden_size), np.float32)
+        self.binding = self.sess.io_binding()
+        self._bind_static()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_build(cls, build_dir: str | Path, provider: str = "cpu", batch: int = 1,
+                   **kwargs) -> "OrtSession":
+        from ..export.build import load_build
+
+        b = load_build(build_dir, expect_target="onnx")
+        io = b.component("text")
+        fixed = io.input("input_ids").shape[0]
+        if isinstance(fixed, int) and fixed != batch:
+            raise ValueError(f"this build was exported for batch {fixed}, not {batch}")
+        return cls(b.config, b.path(io.file), io, b.max_context, b.dtype, provider, batch,
+                   **kwargs)
+
+    def _bind_static(self) -> None:
+        b = self.binding
+        for past, present, ov in self._cache_values:
+            b.bind_ortvalue_input(past, ov)
+            b.bind_ortvalue_output(present, ov)  # same buffer: the graph writes in place
+        if self._logits is not None:
+            b.bind_ortvalue_output("logits", self._logits)
+        else:
+            b.bind_output("logits", self.device)
+
+    def _measure_kv_bytes(self) -> int:
+        total = 0
+        for _, _, ov in self._cache_values:
+            n = int(np.prod(ov.shape()))
+            total += n * _elem_size(ov.data_type())
+        if self._buffers:  # CPU: cross-check against the arrays the OrtValues wrap
+            assert total == sum(a.nbytes for a in self._buffers)
+        return total
+
+    # -- Session interface --------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv_bytes
+
+    @property
+    def cache_arrays(self) -> list[np.ndarray]:
+        """CPU only: the numpy arrays that ARE the cache buffers (k0, v0, k1, ...)."""
+        return list(self._buffers)
+
+    def cache_ortvalues(self):
+        return [ov for _, _, ov in self._cache_values]
+
+    def reset(self) -> None:
+        # Nothing needs clearing for correctness (start_pos = 0 masks every old slot), but stale
+        # values are zeroed on CPU so a reset session is bit-identical to a fresh one.
+        for a in self._buffers:
+            a.fill(0)
+
+    def forward(self, input_ids: np.ndarray, start_pos: int,
+                image_features: np.ndarray | None = None) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"input_ids must be [batch={self.batch}, T], got {ids.shape}")
+        t = ids.shape[1]
+        if t < 1:
+            raise ValueError("empty chunk")
+        if start_pos < 0 or start_pos + t > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed max_context "
+                             f"{self.max_context}")
+        if image_features is not None and not self.io.options.get("images"):
+            raise ValueError("this build's text graph takes no image_features (text-only export)")
+        step = self.max_chunk or t
+        if image_features is not None:
+            step = t  # an image must not straddle chunks; the caller chunks around images
+        out = None
+        for s in range(0, t, step):
+            out = self._run(ids[:, s:s + step], start_pos + s, image_features)
+        return out
+
+    def _run(self, ids: np.ndarray, start_pos: int, image_features) -> np.ndarray:
+        import onnxruntime as ort
+
+        b = self.binding
+        self._start[0] = start_pos
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("start_pos", self._start)
+        if self.io.options.get("images"):
+            feats = image_features
+            if feats is None:  # one dummy row: the graph gathers row 0 for non-image tokens
+                feats = self._no_image_row
+            np_dt = _NP_DTYPES.get(self.io.input("image_features").dtype, np.float32)
+            b.bind_cpu_input("image_features", np.ascontiguousarray(feats, dtype=np_dt))
+        self.sess.run_with_iobinding(b)
+        if self._logits is not None:
+            # a copy: the bound buffer is overwritten by the next step ([B, V] floats, small)
+            return np.array(self._logits.numpy()[:, -1, :])
+        logits = b.get_outputs()[0].numpy()
+        b.clear_binding_outputs()
+        self._bind_static()
+        return logits[:, -1, :].astype(np.float32, copy=False)
+
+
+def _elem_size(type_str: str) -> int:
+    return {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2,
+            "tensor(int64)": 8}[type_str]

@@ -1,0 +1,257 @@
+"""ONNX export + ONNX Runtime session on the tiny preset: parity with the eager model (prefill in
+chunks that wrap the sliding ring, decode), in-place cache binding, KV bytes from the buffers, the
+tied embedding stored once, and the build directory's refusals and atomicity.
+
+One tiny build is exported per module (torch.export dominates the run time)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from g3export.export.build import FORMAT_VERSION, BuildError, build, load_build
+from g3export.export.onnx_attention import scatter_inputs_ok
+from g3export.export.onnx_export import initializer_bytes
+from g3export.export.verify import verify
+from g3export.modeling.cache import kv_layout
+from g3export.modeling.config import preset
+from g3export.modeling.text import Gemma3Model
+from g3export.runtimes.ort_session import OrtSession
+from g3export.runtimes.reference import TorchSession
+
+MAX_CONTEXT = 96
+
+
+def _model() -> Gemma3Model:
+    torch.manual_seed(0)
+    return Gemma3Model(preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Gemma3Model]:
+    root = tmp_path_factory.mktemp("builds")
+    tok = root / "tok.json"
+    tok.write_text('{"model": "dummy"}')
+    out = build(_model(), tok, root / "tiny-onnx", max_context=MAX_CONTEXT, progress=False)
+    return out, _model()
+
+
+def _greedy_run(sess, prompt: np.ndarray, chunks: list[int], new_tokens: int):
+    """Prefill `prompt` in the given chunk sizes, then greedy decode; returns (logits list, tokens)."""
+    out, pos = [], 0
+    for c in chunks:
+        out.append(sess.forward(prompt[:, pos:pos + c], pos))
+        pos += c
+    assert pos == prompt.shape[1]
+    toks = []
+    for _ in range(new_tokens):
+        t = int(out[-1][0].argmax())
+        toks.append(t)
+        out.append(sess.forward(np.array([[t]], dtype=np.int64), pos))
+        pos += 1
+    return out, toks
+
+
+@pytest.mark.parametrize("prompt_len,chunks", [(3, [3]), (40, [5, 11, 24])])
+def test_parity_with_eager(built, prompt_len, chunks):
+    out, model = built
+    sess = OrtSession.from_build(out)
+    ref = TorchSession(model, MAX_CONTEXT)
+    prompt = np.random.default_rng(prompt_len).integers(0, 512, (1, prompt_len))
+    a, ta = _greedy_run(sess, prompt, chunks, 30)
+    b, tb = _greedy_run(ref, prompt, chunks, 30)
+    assert ta == tb
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-4
+    # the caches: the arrays bound to ORT are the ones that hold the written chunks
+    for got, want in zip(sess.cache_arrays, ref.caches):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    # reset forgets: the same run again gives the same result
+    sess.reset()
+    a2, ta2 = _greedy_run(sess, prompt, chunks, 3)
+    assert ta2 == ta[:3]
+
+
+def test_cache_is_written_in_place(built):
+    out, _ = built
+    sess = OrtSession.from_build(out)
+    arrays = sess.cache_arrays
+    ptrs = [a.ctypes.data for a in arrays]
+    assert [ov.data_ptr() for ov in sess.cache_ortvalues()] == ptrs
+    sess.forward(np.array([[1, 2, 3]]), 0)
+    assert all(np.abs(a[:, :, :3]).max() > 0 for a in arrays)  # chunk landed in our buffers
+    assert [a.ctypes.data for a in sess.cache_arrays] == ptrs
+    assert [ov.data_ptr() for ov in sess.cache_ortvalues()] == ptrs
+
+
+def test_kv_bytes_measured(built):
+    out, _ = built
+    sess = OrtSession.from_build(out)
+    measured = sum(a.nbytes for a in sess.cache_arrays)
+    assert sess.kv_bytes == measured == kv_layout(preset("tiny").text, MAX_CONTEXT).bytes
+    # sliding layers hold W slots, not max_context
+    shapes = {a.shape[2] for a in sess.cache_arrays}
+    assert shapes == {preset("tiny").text.sliding_window, MAX_CONTEXT}
+
+
+def test_embedding_stored_once(built):
+    out, model = built
+    sizes = initializer_bytes(out / "text.onnx")
+    emb = model.language_model.embed_tokens.weight
+    emb_bytes = emb.numel() * emb.element_size()
+    assert sum(1 for s in sizes.values() if s == emb_bytes) == 1
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # every parameter once, plus a few bytes of inline shape constants
+    assert params <= sum(sizes.values()) < params + 4096
+    # and ORT does not fold a transposed copy either
+    import onnx
+    import onnxruntime as ort
+
+    from g3export.runtimes.ort_session import session_options
+
+    opt = out.parent / "opt.onnx"
+    ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt)),
+                         providers=["CPUExecutionProvider"])
+    m = onnx.load(str(opt), load_external_data=False)
+    vocab, hidden = emb.shape
+    big = [t.name for t in m.graph.initializer if sorted(t.dims) == sorted([vocab, hidden])]
+    assert len(big) == 1, big
+
+
+def test_write_depends_on_attention(built):
+    """Every cache write (ScatterND) is ordered after the attention reads, in the graph ORT runs."""
+    import onnxruntime as ort
+
+    from g3export.runtimes.ort_session import session_options
+
+    out, _ = built
+    opt = out.parent / "opt2.onnx"
+    ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt)),
+                         providers=["CPUExecutionProvider"])
+    deps = scatter_inputs_ok(str(opt))
+    assert len(deps) == 2 * preset("tiny").text.num_hidden_layers
+    assert all(deps.values()), deps
+
+
+def test_verify_report(built):
+    out, _ = built
+    rep = verify(out)  # weights read back from the build's initializers
+    assert rep.ok and not rep.failed and rep.tokens_equal, rep.to_dict()
+    assert rep.max_logit_diff < 1e-4
+
+
+def test_manifest_contents(built):
+    out, _ = built
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["format_version"] == FORMAT_VERSION
+    assert man["target"] == "onnx" and man["dtype"] == "fp32" and man["max_context"] == MAX_CONTEXT
+    assert set(man["files"]) == {"text.onnx", "text.onnx.data", "tokenizer.json"}
+    io = man["components"]["text"]
+    assert io["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"],
+                               "aliases": None}
+    assert io["outputs"][1]["aliases"] == "past_key_0"
+    assert man["kv_layout"]["bytes"] == kv_layout(preset("tiny").text, MAX_CONTEXT).bytes
+    for k in ("torch", "onnx", "onnxruntime"):
+        assert man["versions"][k]
+    b = load_build(out, expect_target="onnx")
+    assert b.config == preset("tiny") and b.tokenizer.name == "tokenizer.json"
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(built[0], dst)
+    return dst
+
+
+def _refused(path, match, **kw):
+    with pytest.raises(BuildError, match=match) as e:
+        load_build(path, **kw)
+    assert "build" in str(e.value)  # says what to do
+
+
+def test_refuse_missing_dir(tmp_path):
+    _refused(tmp_path / "nope", "does not exist")
+
+
+def test_refuse_missing_manifest(copy):
+    (copy / "manifest.json").unlink()
+    _refused(copy, "no manifest.json")
+
+
+def test_refuse_hash_mismatch(copy):
+    p = copy / "text.onnx.data"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    _refused(copy, "sha256")
+
+
+def test_refuse_missing_file(copy):
+    (copy / "text.onnx.data").unlink()
+    _refused(copy, "missing text.onnx.data")
+
+
+def test_refuse_future_format(copy):
+    p = copy / "manifest.json"
+    man = json.loads(p.read_text())
+    man["format_version"] = FORMAT_VERSION + 1
+    p.write_text(json.dumps(man))
+    _refused(copy, "format")
+
+
+def test_refuse_wrong_target(copy):
+    _refused(copy, "'onnx' build", expect_target="trt")
+
+
+def test_refuse_partial_dir(copy):
+    partial = copy.parent / "b.partial-123-abcd"
+    copy.rename(partial)
+    _refused(partial, "interrupted")
+
+
+def test_provider_unavailable(built):
+    from g3export.runtimes.ort_session import ProviderError
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available"):
+        OrtSession.from_build(built[0], provider="cuda")
+
+
+def test_interrupted_build_then_rebuild(tmp_path, monkeypatch):
+    out = tmp_path / "tiny"
+    import g3export.export.onnx_export as ox
+
+    orig = ox.save_with_external_data
+
+    def boom(*a, **k):
+        orig(*a, **k)  # the weights were written ...
+        raise KeyboardInterrupt  # ... and then the build was interrupted
+
+    monkeypatch.setattr(ox, "save_with_external_data", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build(_model(), None, out, max_context=32, progress=False)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the partial dir was removed
+    with pytest.raises(BuildError):
+        load_build(out)
+    monkeypatch.setattr(ox, "save_with_external_data", orig)
+    # a leftover from a killed build (no manifest) is refused, and does not block a rebuild
+    dead = tmp_path / "tiny.partial-999999-dead"
+    dead.mkdir()
+    (dead / "text.onnx").write_bytes(b"junk")
+    _refused(dead, "interrupted")
+    build(_model(), None, out, max_context=32, progress=False)
+    assert not dead.exists()
+    assert load_build(out).max_context == 32
+    # an existing build is refused without force and replaced with it
+    with pytest.raises(BuildError, match="--force"):
+        build(_model(), None, out, max_context=32, progress=False)
