@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -244,8 +245,26 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--out", type=click.Path(), default=None, help="Build directory (default: builds/<name>-<target>-<dtype>).")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
 @click.option("--all-logits", is_flag=True, help="Graphs return logits of every position.")
+@click.option("--attention", type=click.Choice(["plugin", "native"]), default=None,
+              help="trt/trt-rtx: attention as one TensorRT plugin node per layer (default) or as "
+                   "standard ONNX Attention + TensorScatter (TensorRT's native layers).")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              type=click.Choice(["8.0", "8.6", "8.9", "12.0", "12.1"]),
+              help="trt-rtx: GPU architectures the engine targets (repeatable; default: the "
+                   "library's). Not 9.0: TensorRT-RTX does not target H100/H200.")
+@click.option("--prefill-chunk", type=click.IntRange(1), default=None,
+              help="trt/trt-rtx: longest prefill chunk the engine accepts (default 512; native: "
+                   "at most the sliding window).")
+@click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True,
+              help="trt/trt-rtx: largest batch of the engine's profiles.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="trt only: TensorRT timing cache file, read and updated (faster rebuilds).")
+@click.option("--components", default=None, metavar="LIST",
+              help="Comma-separated graphs to build: text, vision (default: every one the model "
+                   "has). --components vision --weights random skips the text weights entirely.")
 @friendly
-def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits):
+def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
+          components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
     if size is None and checkpoint is None:
         raise click.UsageError("give --size or --checkpoint (both: they must match)")
@@ -253,6 +272,19 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
         from .export.trt import require_tensorrt  # says what to install, before any work
         require_tensorrt(target)
     dtype = dtype or ("fp32" if target == "onnx" else "bf16")
+    trt_options = None
+    if target == "onnx":
+        if attention or compute_capabilities or prefill_chunk or timing_cache or max_batch != 1:
+            raise click.UsageError("--attention/--compute-capability/--prefill-chunk/--max-batch/"
+                                   "--timing-cache are options of --target trt and trt-rtx")
+    else:
+        trt_options = {"attention": attention or "plugin", "prefill_chunk": prefill_chunk,
+                       "max_batch": max_batch,
+                       "compute_capabilities": list(compute_capabilities) or None,
+                       "timing_cache": timing_cache}
+        if dtype == "fp16":
+            from .export.trt import FP16_NOTE
+            click.echo(f"warning: {FP16_NOTE}", err=True)
     from .export.build import build as do_build
     from .modeling.config import preset
 
@@ -260,7 +292,15 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
     if size and max_context and max_context > preset(size).text.max_position_embeddings:
         raise click.UsageError(f"--max-context {max_context} is beyond {size}'s "
                                f"{preset(size).text.max_position_embeddings}")
-    model = _load_model(size, checkpoint, weights, dtype, all_logits)
+    comps = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
+    if comps == ("vision",) and weights == "random" and size and not checkpoint:
+        import torch
+        from .export.onnx_vision import vision_only_model
+
+        model = vision_only_model(size, dtype={"fp32": torch.float32, "fp16": torch.float16,
+                                               "bf16": torch.bfloat16}[dtype])
+    else:
+        model = _load_model(size, checkpoint, weights, dtype, all_logits)
     cfg = model.config
     if max_context and max_context > cfg.text.max_position_embeddings:
         raise click.UsageError(f"--max-context {max_context} is beyond the model's "
@@ -268,8 +308,13 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
     ctx = max_context or min(cfg.text.max_position_embeddings, 8192)
     tokenizer = _tokenizer_for(size, checkpoint, weights)
     out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
-    path = do_build(model, tokenizer.to_json() if tokenizer else None, out, target=target,
-                    dtype=dtype, max_context=ctx, force=force)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_file = None
+        if tokenizer is not None:  # from tokenizer.json, tokenizer.model or GGUF metadata
+            tok_file = Path(tmp) / "tokenizer.json"
+            tok_file.write_text(tokenizer.to_json())
+        path = do_build(model, tok_file, out, target=target, dtype=dtype, max_context=ctx,
+                        force=force, trt_options=trt_options, components=comps)
     click.echo(f"built {path}")
 
 

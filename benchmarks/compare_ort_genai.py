@@ -1,0 +1,439 @@
+"""Side-by-side CPU speed of a g3export ONNX build and ONNX Runtime GenAI on the same weights.
+
+Issue 3's benchmark: the real Gemma 3 270M in fp32, a 512-token prompt, 64 new tokens, greedy,
+both runtimes timed in ONE process, interleaved (g3export, GenAI, g3export, GenAI, ...) so that a
+busy neighbour or thermal drift hits both alike. Reports median and min of each figure, the
+ratios ours/GenAI, the machine, and the memory-bound decode estimate (fp32 bytes read per decode
+token / copy bandwidth measured here with numpy).
+
+Setup, once (offline). onnxruntime-genai 0.18.0 (PyPI) requires onnxruntime>=1.31 and numpy,
+both already in the venv, so it goes in beside them without touching torch or onnxruntime:
+
+    pip install --no-deps onnxruntime-genai==0.18.0
+
+    python benchmarks/compare_ort_genai.py --prepare \
+        --hf-dir /work/bench_art/hf270m --genai-dir /work/bench_art/genai270m
+    g3export build --size 270m --target onnx --out builds/270m
+
+--prepare (1) writes a Hugging Face folder from the embedded GGUF with transformers (weights
+dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run the same dequantized fp32 values),
+(2) runs GenAI's model builder on it for fp32 CPU with `prune_lm_head=true`, so that prefill
+computes only the last position's logits, as g3export's graph does. The same as
+`python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
+--extra_options prune_lm_head=true hf_remote=false`, except for two shims this script applies:
+transformers 5.x refuses save_pretrained on a GGUF-loaded model (a leftover "gguf" quantizer
+marker; the tensors are plain fp32), and writes Gemma 3's RoPE as per-layer-type
+rope_parameters, which GenAI 0.18's Gemma3 builder cannot read (KeyError 'rope_type'); the
+builder is handed the transformers-4 form (rope_theta 1e6, rope_local_base_freq 1e4). Checked:
+GenAI's greedy tokens equal transformers' on a 602-token prompt (past the 512 window).
+(The builder's --help crashes in 0.18 on a '%' in its help text; read builder.py instead.)
+
+Measure:
+
+    python benchmarks/compare_ort_genai.py --build-dir builds/270m \
+        --genai-dir /work/bench_art/genai270m [--rounds 5] [--threads 2] [--json out.json]
+
+Thread settings (the same for both): ORT intra-op threads = --threads (default: the CPUs this
+process may use), inter-op threads 1, sequential execution, ORT's default spinning. g3export: via
+OrtSession(threads=..., spinning=...); GenAI: via og.Config.overlay of the decoder's session_options
+(intra_op_num_threads, inter_op_num_threads, and with --spin on|off the ORT config entry
+session.intra_op.allow_spinning, which GenAI passes through). --spin off suits a machine shared
+with other busy processes.
+--skip-ours / --skip-genai time one side only.
+
+GenAI's generator: append_tokens(prompt) runs prefill, the first generate_next_token() only picks
+token 1, each later one runs a decode step; so TTFT = prefill + first pick, decode tok/s =
+63 tokens / their time, exactly as g3export's generate() counts. max_length = 512 + 64 (GenAI's
+windowed GQA refuses a cache shorter than the 512 window), min_length = the same so EOS cannot
+end a run early; g3export runs with stop_ids=[]. The prompt: 512 ids drawn with seed 0 from
+[1000, 200000) as `g3export bench` draws them; the same ids for both.
+
+Notes on the weights. transformers keeps Gemma's embedding scale as sqrt(640) = 25.298 in fp32,
+g3export uses the bf16-rounded 25.25 of the reference implementation, and GenAI's builder bakes
+round(sqrt(640), 2) = 25.3: the three runtimes' logits differ slightly; irrelevant for speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_LEN = 512
+NEW_TOKENS = 64
+
+
+# ------------------------------------------------------------------------------------------------
+# --prepare: HF folder from the GGUF, then GenAI's model builder
+# ------------------------------------------------------------------------------------------------
+def write_hf_folder(out: Path) -> None:
+    import torch
+    import transformers
+
+    from g3export.modeling.embedded import embedded_gguf_path
+
+    gguf = Path(embedded_gguf_path())
+    print(f"[prepare] transformers {transformers.__version__}: {gguf} -> {out}", flush=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF's tensors are dequantized to plain fp32 on load, but transformers keeps a "gguf"
+    # quantizer marker that makes save_pretrained refuse ("not serializable"); drop it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = ["Gemma3ForCausalLM"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+
+
+def _flatten_gemma3_rope(config):
+    """transformers 5 writes Gemma 3's RoPE as rope_parameters = {"full_attention": {...},
+    "sliding_attention": {...}}; GenAI's Gemma3 builder reads the transformers 4 form
+    (rope_parameters["rope_type"], rope_theta, rope_local_base_freq). Give it that form."""
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict) and "full_attention" in rp and "rope_type" not in rp:
+        full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
+        if full.get("rope_type", "default") != "default" or local.get("rope_type", "default") != "default":
+            raise SystemExit(f"unsupported RoPE for the GenAI builder: {rp}")
+        config.rope_parameters = {"rope_type": "default", "rope_theta": full["rope_theta"]}
+        config.rope_theta = full["rope_theta"]
+        config.rope_local_base_freq = local["rope_theta"]
+    return config
+
+
+def run_genai_builder(hf_dir: Path, out: Path, cache_dir: Path, threads: int) -> None:
+    from onnxruntime_genai.models import builder
+
+    orig = builder.AutoConfig
+
+    class _AutoConfig:  # AutoConfig whose Gemma 3 config the builder can read
+        @staticmethod
+        def from_pretrained(*a, **k):
+            return _flatten_gemma3_rope(orig.from_pretrained(*a, **k))
+
+    builder.AutoConfig = _AutoConfig
+    # same as: python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
+    #              --extra_options prune_lm_head=true hf_remote=false
+    extra = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir),
+                                        ["prune_lm_head=true", "hf_remote=false"])
+    print(f"[prepare] GenAI builder: {hf_dir} -> {out} (fp32, cpu, prune_lm_head=true)", flush=True)
+    builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir), **extra)
+    builder.AutoConfig = orig
+
+
+def prepare(args) -> None:
+    hf, gd = Path(args.hf_dir), Path(args.genai_dir)
+    if not (hf / "config.json").exists() or args.force:
+        write_hf_folder(hf)
+    else:
+        print(f"[prepare] {hf} exists; keeping it (--force rewrites)")
+    if not (gd / "genai_config.json").exists() or args.force:
+        run_genai_builder(hf, gd, Path(args.cache_dir or (gd.parent / "genai_cache")), args.threads)
+    else:
+        print(f"[prepare] {gd} exists; keeping it (--force rebuilds)")
+
+
+# ------------------------------------------------------------------------------------------------
+# machine and memory bound
+# ------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = []
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model,
+            "loadavg": " ".join(load), "python": platform.python_version()}
+
+
+def copy_bandwidth_gbps(n_bytes: int = 1 << 30, reps: int = 5, threads: int = 1) -> float:
+    """Memory bandwidth from a large numpy copy (np.copyto of n_bytes, split over `threads`
+    Python threads; numpy releases the GIL for the copy): (read + write) bytes / best time, GB/s."""
+    import threading
+
+    src = np.ones(n_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    edges = np.linspace(0, src.size, threads + 1).astype(int)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        if threads == 1:
+            np.copyto(dst, src)
+        else:
+            th = [threading.Thread(target=np.copyto, args=p) for p in parts]
+            for x in th:
+                x.start()
+            for x in th:
+                x.join()
+        best = min(best, time.perf_counter() - t)
+    del src, dst, parts
+    return 2 * n_bytes / best / 1e9
+
+
+def decode_bytes_per_token(hf_dir: Path | None, text_config=None) -> tuple[int, str]:
+    """fp32 bytes read per decode token: every weight matrix once (the tied embedding is read
+    whole by the LM head; the input embedding gathers one row, counted as part of it); the KV
+    cache read is small for the 270M at 576 tokens and counted too."""
+    cfg = None
+    if text_config is not None:  # the g3export build's own config
+        import dataclasses
+
+        cfg = dataclasses.asdict(text_config)
+        cfg["layer_types"] = list(text_config.layer_types)
+    elif hf_dir and (hf_dir / "config.json").exists():
+        cfg = json.loads((hf_dir / "config.json").read_text())
+    if cfg is None:  # the real 270M's shape
+        cfg = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    v, h, f, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    nq, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    per_layer = h * (nq + 2 * nkv) * hd + nq * hd * h + 3 * h * f + 4 * h + 2 * hd
+    weights = v * h + L * per_layer + h
+    ctx = PROMPT_LEN + NEW_TOKENS
+    kv = 0
+    types = cfg.get("layer_types") or []
+    for i in range(L):
+        t = types[i % len(types)] if types else "full_attention"
+        n = min(ctx, cfg.get("sliding_window", ctx)) if t == "sliding_attention" else ctx
+        kv += 2 * n * nkv * hd
+    return 4 * (weights + kv), f"{weights / 1e6:.1f}M params + KV of {ctx} positions {4 * kv / 1e6:.1f} MB"
+
+
+# ------------------------------------------------------------------------------------------------
+# the two runners: each .run() -> (ttft_s, decode_s, n_decode_tokens, tokens)
+# ------------------------------------------------------------------------------------------------
+def _spin_text(spin: str) -> str:
+    return {"default": "ORT default (1)", "on": "1", "off": "0"}[spin]
+
+
+class Ours:
+    name = "g3export"
+
+    def __init__(self, build_dir: Path, threads: int, spin: str = "default"):
+        from g3export.runtimes.ort_session import OrtSession
+
+        t = time.perf_counter()
+        spinning = None if spin == "default" else spin == "on"
+        self.session = OrtSession.from_build(build_dir, provider="cpu", threads=threads,
+                                             spinning=spinning)
+        self.load_s = time.perf_counter() - t
+        self.vocab = self.session.config.text.vocab_size
+        self.settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
+                         "execution_mode": "sequential", "allow_spinning": _spin_text(spin),
+                         "graph_optimization_level": "ORT_ENABLE_ALL", "kv_bytes": self.session.kv_bytes}
+
+    def run(self, ids):
+        from g3export.runtimes.generate import generate
+
+        r = generate(self.session, ids, NEW_TOKENS, stop_ids=[])
+        return r.time_to_first_token_s, r.decode_s, len(r.token_ids) - 1, list(r.token_ids)
+
+
+class GenAI:
+    name = "ort-genai"
+
+    def __init__(self, genai_dir: Path, threads: int, spin: str = "default"):
+        import onnxruntime_genai as og
+
+        self.og = og
+        t = time.perf_counter()
+        config = og.Config(str(genai_dir))
+        config.clear_providers()  # CPU
+        so = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        if spin != "default":  # GenAI passes unknown string keys on as ORT session config entries
+            so["session.intra_op.allow_spinning"] = "1" if spin == "on" else "0"
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
+        self.model = og.Model(config)
+        self.load_s = time.perf_counter() - t
+        gc = json.loads((genai_dir / "genai_config.json").read_text())
+        base = gc["model"]["decoder"].get("session_options", {})
+        self.vocab = gc["model"]["vocab_size"]
+        # GenAI's windowed GQA cache refuses a max_length below the window (512 for Gemma 3);
+        # the benchmark's 512 + 64 is above it, shorter smoke runs get a larger cache
+        self.min_max_length = gc["model"]["decoder"].get("sliding_window", {}).get("window_size", 0)
+        self.settings = {**base, **so, "provider": "cpu", "og_version": og.__version__,
+                         "allow_spinning": _spin_text(spin)}
+
+    def run(self, ids):
+        og = self.og
+        total = len(ids) + NEW_TOKENS
+        params = og.GeneratorParams(self.model)
+        # greedy; min_length keeps EOS from ending the run early (random-text prompt)
+        params.set_search_options(max_length=max(total, self.min_max_length), min_length=total,
+                                  do_sample=False, batch_size=1)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))  # prefill: logits of the prompt
+        gen.generate_next_token()                              # picks token 1 (no model run)
+        t1 = time.perf_counter()
+        n = 1
+        while n < NEW_TOKENS and not gen.is_done():
+            gen.generate_next_token()                          # one decode step + pick
+            n += 1
+        t2 = time.perf_counter()
+        seq = [int(t) for t in gen.get_sequence(0)[len(ids):]]
+        del gen
+        return t1 - t0, t2 - t1, n - 1, seq
+
+
+# ------------------------------------------------------------------------------------------------
+def summarize(runs):
+    ttft = [r[0] for r in runs]
+    dec = [r[2] / r[1] for r in runs]
+    pre = [PROMPT_LEN / r[0] for r in runs]
+    return {
+        "rounds": len(runs),
+        "ttft_s_median": round(statistics.median(ttft), 4), "ttft_s_min": round(min(ttft), 4),
+        "prefill_tok_s_median": round(statistics.median(pre), 1), "prefill_tok_s_max": round(max(pre), 1),
+        "decode_tok_s_median": round(statistics.median(dec), 2), "decode_tok_s_max": round(max(dec), 2),
+        "decode_ms_per_token_median": round(1000 / statistics.median(dec), 2),
+        "decode_ms_per_token_min": round(1000 / max(dec), 2),
+        "all_ttft_s": [round(x, 4) for x in ttft], "all_decode_tok_s": [round(x, 2) for x in dec],
+    }
+
+
+def main(argv=None):
+    global PROMPT_LEN, NEW_TOKENS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build-dir", default="builds/270m", help="g3export ONNX build (fp32, cpu)")
+    ap.add_argument("--genai-dir", default="/work/bench_art/genai270m", help="GenAI model folder")
+    ap.add_argument("--hf-dir", default="/work/bench_art/hf270m", help="HF folder written from the GGUF")
+    ap.add_argument("--cache-dir", default=None, help="GenAI builder cache (default: beside --genai-dir)")
+    ap.add_argument("--prepare", action="store_true", help="write --hf-dir and run GenAI's builder")
+    ap.add_argument("--force", action="store_true", help="with --prepare: redo existing outputs")
+    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="(the benchmark: 512)")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="(the benchmark: 64)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per runtime (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds per runtime first")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="ORT intra-op threads for both (default: CPUs available = %(default)s)")
+    ap.add_argument("--spin", choices=["default", "on", "off"], default="default",
+                    help="ORT intra-op thread spinning for both (off suits a machine shared with "
+                         "other busy processes; default: ORT's, which spins)")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--skip-genai", action="store_true")
+    ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30)
+    ap.add_argument("--json", default=None, help="also write the JSON result to this file")
+    args = ap.parse_args(argv)
+    PROMPT_LEN, NEW_TOKENS = args.prompt_len, args.new_tokens
+
+    if args.prepare:
+        prepare(args)
+        return 0
+
+    build_dir, genai_dir, hf_dir = Path(args.build_dir), Path(args.genai_dir), Path(args.hf_dir)
+    if args.skip_ours and args.skip_genai:
+        ap.error("nothing to time")
+    if not args.skip_genai and not (genai_dir / "genai_config.json").exists():
+        ap.error(f"{genai_dir}: no genai_config.json; run with --prepare first")
+    if not args.skip_ours and not (build_dir / "manifest.json").exists():
+        ap.error(f"{build_dir}: not a g3export build; g3export build --size 270m --target onnx --out {build_dir}")
+
+    mach = machine()
+    print(f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, load {mach['loadavg']}", flush=True)
+    runners = []
+    if not args.skip_ours:
+        runners.append(Ours(build_dir, args.threads, args.spin))
+    if not args.skip_genai:
+        runners.append(GenAI(genai_dir, args.threads, args.spin))
+    for r in runners:
+        print(f"loaded {r.name} in {r.load_s:.2f}s; settings {r.settings}", flush=True)
+
+    # the same ordinary-text prompt for both (as `g3export bench`: fixed seed, ids above the
+    # control tokens and below the unused/image ranges)
+    hi = min([200_000] + [r.vocab for r in runners])
+    ids = np.random.default_rng(0).integers(min(1000, hi // 2), hi, size=PROMPT_LEN).tolist()
+
+    for _ in range(args.warmup):
+        for r in runners:
+            r.run(ids)
+    results = {r.name: [] for r in runners}
+    tokens = {}
+    for i in range(args.rounds):
+        order = runners if i % 2 == 0 else runners[::-1]  # alternate who goes first
+        for r in order:
+            out = r.run(ids)
+            results[r.name].append(out)
+            tokens[r.name] = out[3]
+            print(f"round {i + 1}/{args.rounds} {r.name:9s} ttft {out[0] * 1000:7.1f} ms  "
+                  f"prefill {PROMPT_LEN / out[0]:6.1f} tok/s  decode {out[2] / out[1]:6.2f} tok/s",
+                  flush=True)
+
+    bw1 = copy_bandwidth_gbps(args.bandwidth_bytes)
+    bwn = copy_bandwidth_gbps(args.bandwidth_bytes, threads=args.threads) if args.threads > 1 else bw1
+    bw = max(bw1, bwn)
+    ours = [r for r in runners if isinstance(r, Ours)]
+    nbytes, what = decode_bytes_per_token(hf_dir if hf_dir.exists() else None,
+                                          ours[0].session.config.text if ours else None)
+    summary = {name: summarize(rs) for name, rs in results.items()}
+    report = {
+        "benchmark": "gemma3 fp32 cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+        "threads": args.threads, "spin": args.spin, "machine": {**mach, "loadavg_end": machine()["loadavg"]},
+        "settings": {r.name: r.settings for r in runners},
+        "load_s": {r.name: round(r.load_s, 2) for r in runners},
+        "results": summary,
+        "memory_bound": {"bytes_per_decode_token": nbytes, "counted": what,
+                         "copy_bandwidth_GBps": round(bw, 1),
+                         "copy_bandwidth_GBps_1_thread": round(bw1, 1),
+                         f"copy_bandwidth_GBps_{args.threads}_threads": round(bwn, 1),
+                         "decode_tok_s_bound": round(bw * 1e9 / nbytes, 1)},
+    }
+    if len(summary) == 2:
+        o, g = summary["g3export"], summary["ort-genai"]
+        report["ratios_ours_over_genai"] = {
+            "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
+            "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
+            "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
+            "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
+        }
+        a, b = tokens["g3export"], tokens["ort-genai"]
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        report["greedy_tokens_agree_first_n"] = same
+
+    # table
+    print()
+    print(f"{'runtime':10s} {'TTFT ms med/min':>17s} {'prefill tok/s med/max':>23s} "
+          f"{'decode tok/s med/max':>22s} {'ms/token med':>13s}")
+    for name, s in summary.items():
+        print(f"{name:10s} {s['ttft_s_median'] * 1000:8.1f}/{s['ttft_s_min'] * 1000:<8.1f} "
+              f"{s['prefill_tok_s_median']:11.1f}/{s['prefill_tok_s_max']:<11.1f} "
+              f"{s['decode_tok_s_median']:10.2f}/{s['decode_tok_s_max']:<11.2f} "
+              f"{s['decode_ms_per_token_median']:13.2f}")
+    if "ratios_ours_over_genai" in report:
+        rr = report["ratios_ours_over_genai"]
+        print(f"ours/GenAI: decode {rr['decode_tok_s_median']:.3f} (median), "
+              f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
+              f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the first "
+              f"{report['greedy_tokens_agree_first_n']}")
+    mb = report["memory_bound"]
+    print(f"memory bound: {nbytes / 1e9:.3f} GB read per decode token ({what}) at "
+          f"{mb['copy_bandwidth_GBps']} GB/s (best of numpy copy, read+write, 1 thread {bw1:.1f}, "
+          f"{args.threads} threads {bwn:.1f}) -> "
+          f"{mb['decode_tok_s_bound']} tok/s")
+    print(f"load average at start {mach['loadavg']}, at end {report['machine']['loadavg_end']}")
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
