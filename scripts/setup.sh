@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install g3export into it. `setup.sh dev` adds the test dependencies
-# (transformers as the parity reference, pytest, Triton for the kernel interpreter tests).
+# (transformers as the parity reference, pytest, Triton for the kernel interpreter tests) and
+# TensorRT-RTX, whose ONNX parser and CPU-only builder check our TensorRT graphs.
 #
 # torch goes first and pinned: `pip install torch==2.13.0` takes the CPU wheel (from local disk on
 # our machines); a requirement that let pip choose a newer torch would download a multi-GB CUDA build.
@@ -10,7 +11,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 if [ "${1:-}" = "dev" ]; then
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,trt-rtx]"
 else
   .venv/bin/python -m pip install -q -e .
 fi
