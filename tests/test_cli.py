@@ -69,3 +69,52 @@ def test_plan_12b_memory_claim():
     assert round(p["kv_bytes"] / 2**30, 1) == 8.3 and p["kv_bytes_all_global"] == 48 * 2**30
     r = run("plan", "--size", "1b", "--max-context", "65536")
     assert r.exit_code == 1 and "32768" in r.output
+
+
+@pytest.fixture(scope="module")
+def tiny_build(hf_tiny_causal, tmp_path_factory):
+    _, path = hf_tiny_causal
+    out = tmp_path_factory.mktemp("cli") / "tiny-onnx"
+    r = run("build", "--checkpoint", str(path), "--target", "onnx", "--max-context", "64",
+            "--out", str(out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_inspect_reports_components_and_kv_bytes(tiny_build, hf_tiny_causal):
+    from g3export.modeling.config import load_hf_config
+
+    _, path = hf_tiny_causal
+    t = load_hf_config(path).text
+    r = run("inspect", str(tiny_build))
+    assert r.exit_code == 0, r.output
+    assert "component text" in r.output and "past_key_0" in r.output
+    m = json.loads(run("inspect", str(tiny_build), "--json").output)
+    # 4 sliding layers of 8 slots + 2 full layers of 64 slots, K and V, fp32
+    assert m["kv_layout"]["bytes"] == t.kv_cache_bytes(64, dtype_bytes=4) == 2 * 4 * 2 * 16 * (4 * 8 + 2 * 64)
+
+
+def test_run_bench_verify_on_a_build(tiny_build, hf_tiny_causal):
+    _, path = hf_tiny_causal
+    args = ["--prompt-ids", ",".join(str(i) for i in range(3, 43)), "--max-new-tokens", "8", "--json"]
+    compiled = json.loads(run("run", str(tiny_build), *args).output.strip().splitlines()[-1])
+    ref = json.loads(run("run", "--reference", "--checkpoint", str(path), "--max-context", "64",
+                         *args).output.strip().splitlines()[-1])
+    assert compiled["token_ids"] == ref["token_ids"] and len(ref["token_ids"]) == 8
+    b = json.loads(run("bench", str(tiny_build), "--prompt-len", "20", "--new-tokens", "4", "--json").output)
+    assert b["kv_bytes"] > 0 and b["decode_tokens_per_s"] > 0 and b["prompt_len"] == 20
+    r = run("verify", str(tiny_build))
+    assert r.exit_code == 0, r.output
+
+
+def test_run_refuses_an_altered_build(tiny_build, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_build, copy)
+    data = copy / "text.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    r = run("run", str(copy), "--prompt-ids", "2,3")
+    assert r.exit_code == 1 and "text.onnx.data" in r.output
