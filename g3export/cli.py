@@ -331,7 +331,7 @@ def inspect(build_dir, as_json):
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
-    click.echo(f"{build_dir}: {m['config']['name']}  target={m['target']}  dtype={m['dtype']}  "
+    click.echo(f"{build_dir}: {m['model']['name']}  target={m['target']}  dtype={m['dtype']}  "
                f"max_context={m['max_context']}  format={m['format_version']}")
     for name, comp in m["components"].items():
         click.echo(f"component {name}: {comp.get('file', '')}")

@@ -7,7 +7,16 @@ when complete; a manifest that any runtime (a C++ one later) can follow; hashes 
                          file name, versions of torch/onnx/onnxruntime/..., sha256+size per file
       text.onnx          the text component (graph; weights in the .data file beside it)
       text.onnx.data
+      vision.onnx        the vision component (models with vision; onnx_vision), + .data
+      vision.onnx.data
       tokenizer.json     when one was given
+      text.engine        --target trt / trt-rtx only: the serialized TensorRT engine of text.onnx
+                         (which is kept, rewritten for TensorRT); the manifest's `tensorrt`
+                         section says flavour, version, compute capabilities, attention
+                         translation, plugin, profiles (g3export.export.trt.build_text_engine)
+
+`build(..., components=("vision",))` writes only some components (default: every one the config
+has); `Build.components` lists what a directory holds.
 
 Atomicity. `build()` writes everything into `<out>.partial-<pid>-<random>` (same parent, so the
 final rename is atomic on one filesystem); manifest.json is written last; only then is the
@@ -39,7 +48,7 @@ from ..modeling.config import ModelConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TARGETS = ("onnx", "trt")
+TARGETS = ("onnx", "trt", "trt-rtx")
 _PARTIAL = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -201,21 +210,38 @@ def _clean_stale_partials(out: Path) -> None:
 def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target: str = "onnx",
           dtype: str = "fp32", max_context: int = 2048, force: bool = False,
           progress: bool = True, extra_manifest: dict[str, Any] | None = None,
-          all_logits: bool = False, images: bool = False, dynamic_batch: bool = True,
-          export_options: dict[str, Any] | None = None) -> Path:
-    """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`."""
+          all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
+          export_options: dict[str, Any] | None = None,
+          components: tuple[str, ...] | None = None,
+          trt_options: dict[str, Any] | None = None) -> Path:
+    """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
+
+    components: which graphs to write, from ("text", "vision"); default: text, plus vision when
+    the config has a vision encoder. images: whether the text graph takes image features
+    (default: when the config has vision). trt_options: for --target trt/trt-rtx, the keyword
+    arguments of g3export.export.trt.plan_engines (attention, prefill_chunk, max_batch,
+    compute_capabilities, timing_cache); see _build_engines.
+    """
     out = Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; use one of: {', '.join(TARGETS)}")
-    if target != "onnx":
-        raise BuildError(f"target {target!r} is not built by this function yet; use --target onnx")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise BuildError(f"unknown dtype {dtype!r}; use fp32 (CPU), fp16 or bf16 (GPU)")
     cfg: ModelConfig = model.config
+    components = _check_components(cfg, components)
+    if images is None:
+        images = cfg.has_vision
     try:
         layout = kv_layout(cfg.text, max_context, 1, dtype)
     except ValueError as e:
         raise BuildError(str(e)) from None
+    engine_plan = None
+    if target != "onnx":  # checked before any work; the ONNX is exported in its translation
+        from .trt import plan_engines
+
+        engine_plan = plan_engines(cfg, target, dtype, max_context, images=images,
+                                   **(trt_options or {}))
+        export_options = {**engine_plan.export_options(), **(export_options or {})}
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it (it is replaced only "
                          "once the new build is complete)")
@@ -227,15 +253,22 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
     tmp.mkdir()
     try:
         from .onnx_export import export_text
+        from .onnx_vision import export_vision
 
         t0 = time.perf_counter()
-        io = export_text(model, tmp, max_context, dtype, all_logits=all_logits, images=images,
-                         dynamic_batch=dynamic_batch, progress=progress, **(export_options or {}))
+        ios = []
+        if "text" in components:
+            ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
+                                   images=images, dynamic_batch=dynamic_batch, progress=progress,
+                                   **(export_options or {})))
+        if "vision" in components:
+            ios.append(export_vision(model, tmp, dtype, progress=progress))
         export_s = time.perf_counter() - t0
         tok_name = None
         if tokenizer_json is not None:
             tok_name = "tokenizer.json"
             shutil.copyfile(tokenizer_json, tmp / tok_name)
+        trt_section = _build_engines(tmp, engine_plan, ios, progress)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
         files = _hash_files(tmp, names, progress, "hashing")
         manifest = {
@@ -247,12 +280,13 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
             "max_context": max_context,
             "model": cfg.to_dict(),
             "kv_layout": layout.to_dict(),
-            "components": {io.name: io.to_dict()},
+            "components": {io.name: io.to_dict() for io in ios},
             "tokenizer": tok_name,
             "versions": {k: _version(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir",
                                                    "onnxruntime", "onnxruntime-gpu")},
             "export_seconds": round(export_s, 2),
             "files": files,
+            "tensorrt": trt_section,
             "extra": extra_manifest or {},
         }
         _write_json(tmp / MANIFEST, manifest)
@@ -269,6 +303,44 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+COMPONENTS = ("text", "vision")
+
+
+def _check_components(cfg: ModelConfig, components) -> tuple[str, ...]:
+    if components is None:
+        return ("text", "vision") if cfg.has_vision else ("text",)
+    components = tuple(dict.fromkeys(components))
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad or not components:
+        raise BuildError(f"unknown components {bad or '(none)'}; choose from: "
+                         f"{', '.join(COMPONENTS)}")
+    if "vision" in components and not cfg.has_vision:
+        raise BuildError(f"model {cfg.name!r} has no vision encoder: build --components text")
+    return components
+
+
+def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> dict[str, Any] | None:
+    """The TensorRT step of a `trt`/`trt-rtx` build (None for `onnx`): runs after the ONNX
+    components are written into the partial directory and before files are hashed, so the
+    engines are covered by the manifest's sha256 list. Each component's .onnx is rewritten for
+    TensorRT and kept beside its engine (see g3export.export.trt.build_text_engine); the returned
+    dict is the manifest's `tensorrt` section (flavour, version, compute capabilities, attention
+    translation and plugin, profiles, engine bytes and build time). Only the text component gets
+    an engine so far; a vision component stays ONNX (listed under `onnx_only`)."""
+    if plan is None:
+        return None
+    from .trt import build_text_engine
+
+    section: dict[str, Any] | None = None
+    for io in ios:
+        if io.name == "text":
+            section = build_text_engine(partial_dir, plan, io, progress=progress)
+    if section is None:
+        raise BuildError("a TensorRT build needs the text component")
+    section["onnx_only"] = [io.name for io in ios if io.name not in section["engines"]]
+    return section
 
 
 def _write_json(path: Path, obj: Any) -> None:

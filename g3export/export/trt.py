@@ -47,6 +47,14 @@ Contracts:
   use for one without a GPU, and asking for it there is an error.
 * Compute capabilities (TensorRT-RTX): a list such as ["8.6", "12.0"]; None = the library's
   default. The CPU-only ahead-of-time build needs no GPU.
+* The build directory's engine step (`g3export build --target trt|trt-rtx`, via
+  g3export.export.build._build_engines): `plan_engines` checks the options against the model
+  before any work (attention plugin|native; prefill chunk, default 512, and for native at most the
+  smallest ring; compute capabilities only for trt-rtx; timing cache only for trt);
+  `build_text_engine` rewrites the exported text.onnx for TensorRT, KEEPS it beside text.engine
+  (rebuilding an engine for another GPU/version needs no re-export, and verify reads weights from
+  it), and returns the manifest's `tensorrt` section. fp16: nothing is clamped; the CLI warns
+  (FP16_NOTE) and the manifest records the note.
 """
 
 from __future__ import annotations
@@ -538,6 +546,153 @@ def _child_main(argv: Sequence[str]) -> int:
     except (EngineBuildError, TensorRTMissing, ValueError) as e:
         res_path.write_text(json.dumps({"error": str(e)}))
     return 0
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The build directory's engine step (g3export.export.build calls these)
+
+FP16_NOTE = ("fp16: Gemma 3 was trained in bf16 and its activations (residual stream, MLP) exceed "
+             "fp16's maximum 65504 in real checkpoints, which gives inf/NaN logits. The engine is "
+             "built as asked, nothing is clamped; verify its output, and prefer --dtype bf16 "
+             "(every GPU TensorRT-RTX targets, and every data-centre GPU since A100, has bf16).")
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class EnginePlan:
+    """Everything the engine step needs, checked before any work (`plan_engines`)."""
+
+    target: str
+    attention: str                       # 'plugin' | 'native'
+    dtype: str
+    prefill_chunk: int
+    max_batch: int = 1
+    compute_capabilities: list[str] | None = None
+    timing_cache: str | None = None
+    images: bool = False
+
+    @property
+    def translation(self) -> Any:
+        from .translations import get
+
+        return get(self.attention)
+
+    def export_options(self) -> dict[str, Any]:
+        """What `export_text` takes to emit this plan's attention translation."""
+        t = self.translation
+        return {"translation_table": t.table, "opset": t.opset}
+
+
+def smallest_ring(cfg: Any, max_context: int) -> int:
+    """Slots of the smallest KV buffer (the sliding window, or max_context if smaller)."""
+    from ..modeling.cache import kv_layout
+
+    return min(lc.shape[2] for lc in kv_layout(cfg.text, max_context, 1, "fp32").layers)
+
+
+def plan_engines(cfg: Any, target: str, dtype: str, max_context: int, attention: str | None = None,
+                 prefill_chunk: int | None = None, max_batch: int = 1,
+                 compute_capabilities: Sequence[str] | None = None,
+                 timing_cache: str | Path | None = None, images: bool = False) -> EnginePlan:
+    """Check the engine options against the model (BuildError/ValueError with what to do)."""
+    _check_flavour(target)
+    attention = attention or "plugin"
+    if attention not in ("plugin", "native"):
+        raise BuildError(f"--attention {attention!r} is not a TensorRT translation; use plugin "
+                         "(default) or native")
+    ring = smallest_ring(cfg, max_context)
+    if prefill_chunk is None:
+        prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
+        if attention == "native":
+            prefill_chunk = min(prefill_chunk, ring)
+    if prefill_chunk < 1 or prefill_chunk > max_context:
+        raise BuildError(f"--prefill-chunk {prefill_chunk} must be between 1 and the context "
+                         f"length {max_context}")
+    if attention == "native" and prefill_chunk > ring:
+        raise BuildError(
+            f"--prefill-chunk {prefill_chunk} is longer than the sliding window ({ring} slots): "
+            f"the native translation writes the KV cache with TensorScatter(mode=linear), which "
+            f"must not wrap a sliding layer's ring, and TensorRT refuses a KV-cache update longer "
+            f"than its cache. Use --prefill-chunk {ring} (or less), or --attention plugin")
+    if images and prefill_chunk < cfg.mm_tokens_per_image:
+        raise BuildError(f"--prefill-chunk {prefill_chunk} is shorter than one image "
+                         f"({cfg.mm_tokens_per_image} tokens), which is never split across chunks")
+    if max_batch < 1:
+        raise BuildError("--max-batch must be >= 1")
+    ccs = list(compute_capabilities or []) or None
+    if target == "trt" and ccs:
+        raise BuildError("--compute-capability is a TensorRT-RTX option (--target trt-rtx); "
+                         "TensorRT builds for the GPU it runs on")
+    for cc in ccs or []:
+        if cc not in RTX_COMPUTE_CAPABILITIES:
+            raise BuildError(f"--compute-capability {cc}: TensorRT-RTX targets "
+                             f"{', '.join(RTX_COMPUTE_CAPABILITIES)} (not 9.0: no H100/H200)")
+    if target == "trt-rtx" and timing_cache is not None:
+        raise BuildError("--timing-cache is for --target trt: TensorRT-RTX builds ahead of time "
+                         "without a GPU, and a timing cache would need one")
+    return EnginePlan(target, attention, dtype, prefill_chunk, max_batch, ccs,
+                      None if timing_cache is None else str(timing_cache), images)
+
+
+def build_text_engine(partial_dir: str | Path, plan: EnginePlan, io: Any,
+                      progress: bool = False) -> dict[str, Any]:
+    """Turn the exported `text.onnx` in `partial_dir` into `text.engine` beside it.
+
+    The ONNX graph is finalized for the translation and constant-folded (prepare_for_tensorrt),
+    then rewritten in place and KEPT (with its .data): it is what the engine was built from, so an
+    engine for another GPU / compute capability / TensorRT version can be rebuilt from the build
+    directory alone (`build_engine`), and `verify` reads the reference weights from it. Returns
+    the manifest's `tensorrt` section (without file hashes: the manifest's `files` covers them)."""
+    import onnx_ir as ir
+
+    from .onnx_export import save_with_external_data
+
+    root = Path(partial_dir)
+    tr = plan.translation
+    src = root / io.file
+    t0 = time.perf_counter()
+    m = ir.load(str(src))
+    tr.finalize(m)
+    prepare_for_tensorrt(m)
+    stage = root / ".trt-onnx"
+    save_with_external_data(m, stage / io.file, progress=progress)
+    del m
+    os.replace(stage / (io.file + ".data"), root / (io.file + ".data"))
+    os.replace(stage / io.file, root / io.file)
+    stage.rmdir()
+    prepare_s = time.perf_counter() - t0
+    profiles = text_profiles(io, plan.prefill_chunk, batch=(1, 1, plan.max_batch))
+    engine_file = Path(io.file).with_suffix(".engine").name
+    plugins = DEFAULT_PLUGINS if plan.attention == "plugin" else ()
+    info = build_engine(root / io.file, root / engine_file, plan.target, profiles=profiles,
+                        dtype=plan.dtype, compute_capabilities=plan.compute_capabilities,
+                        timing_cache=plan.timing_cache, plugins=plugins)
+    return {
+        "flavour": plan.target,
+        "library": _MODULES[plan.target],
+        "version": info.version,
+        "compute_capabilities": info.compute_capabilities,
+        "strongly_typed": True,
+        "dtype": plan.dtype,
+        "fp16_note": FP16_NOTE if plan.dtype == "fp16" else None,
+        **plan.translation.manifest(),
+        "prefill_chunk": plan.prefill_chunk,
+        "chunk_align": smallest_ring_from_io(io) if plan.attention == "native" else None,
+        "max_batch": plan.max_batch,
+        "timing_cache": plan.timing_cache,
+        "engines": {io.name: {
+            "file": engine_file, "onnx": io.file, "profiles": info.profiles,
+            "bytes": info.bytes, "build_seconds": info.seconds,
+            "prepare_seconds": round(prepare_s, 3), "peak_rss_mb": info.peak_rss_mb,
+            "layers": info.layers, "layer_types": info.layer_types}},
+    }
+
+
+def smallest_ring_from_io(io: Any) -> int:
+    """The smallest cache length among the component's past_* inputs (dim 2)."""
+    return min(int(t.shape[2]) for t in io.inputs if t.name.startswith("past_"))
 
 
 if __name__ == "__main__":

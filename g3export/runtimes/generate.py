@@ -4,7 +4,9 @@ streaming (DESIGN §3.7). Batch 1 (the CLI's case); the sessions themselves take
 Prefill runs the prompt in chunks of at most `chunk_size` tokens; a run of image soft tokens is
 never split across chunks (the bidirectional image mask only looks inside a chunk, see
 g3export.modeling.attention), so a chunk may end early or, for an image longer than chunk_size,
-grow to hold the whole image.
+grow to hold the whole image. A session may also limit chunks (Session.prefill_chunk: the longest
+chunk its graph accepts; Session.chunk_align: no chunk crosses a multiple of it, for the native
+TensorRT translation); an image that cannot be placed within those limits is a GenerationError.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s else float("nan")
 
 
-def prefill_chunks(ids: Sequence[int], chunk_size: int, image_token_id: int) -> list[tuple[int, int]]:
-    """[start, end) chunks of at most chunk_size tokens that never split a run of image tokens."""
+def prefill_chunks(ids: Sequence[int], chunk_size: int, image_token_id: int,
+                   align: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) chunks of at most chunk_size tokens that never split a run of image tokens.
+    align: no chunk crosses a multiple of it (an image that would have to is a GenerationError)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     is_img = np.asarray(ids) == image_token_id
     chunks, start, n = [], 0, len(ids)
     while start < n:
         end = min(start + chunk_size, n)
+        if align:
+            end = min(end, (start // align + 1) * align)
         if end < n and is_img[end - 1] and is_img[end]:  # would cut an image
             run_start = end - 1
             while run_start > start and is_img[run_start - 1]:
@@ -60,6 +66,13 @@ def prefill_chunks(ids: Sequence[int], chunk_size: int, image_token_id: int) -> 
             else:                                    # the image itself is longer than a chunk
                 while end < n and is_img[end]:
                     end += 1
+                if align and (end - 1) // align != start // align:
+                    raise GenerationError(
+                        f"the image at tokens [{start}, {end}) crosses position "
+                        f"{(start // align + 1) * align}, a multiple of {align}: this build (native "
+                        f"TensorRT attention) prefills in chunks that never cross the sliding "
+                        f"window's ring boundary, and an image is never split. Move the image in "
+                        f"the prompt, or use a build with --attention plugin or --target onnx")
         chunks.append((start, end))
         start = end
     return chunks
@@ -101,12 +114,18 @@ def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
     elif n_img_tokens:
         raise GenerationError(f"the prompt holds {n_img_tokens} image tokens but no image was given")
 
+    limit = getattr(session, "prefill_chunk", None)
+    chunks = prefill_chunks(ids, min(chunk_size, limit or chunk_size), cfg.image_token_id,
+                            getattr(session, "chunk_align", None))
+    if limit and any(e - s > limit for s, e in chunks):
+        raise GenerationError(f"an image needs a prefill chunk longer than this build's longest "
+                              f"({limit} tokens); rebuild with a larger --prefill-chunk")
     sampler = Sampler(sampling)
     session.reset()
     t0 = time.perf_counter()
     used = 0
     logits = None
-    for s, e in prefill_chunks(ids, chunk_size, cfg.image_token_id):
+    for s, e in chunks:
         chunk = np.asarray([ids[s:e]], dtype=np.int64)
         f = None
         if feats is not None:

@@ -4,6 +4,11 @@ the static KV cache allocated once and bound as both input and output of the tex
     sess = OrtSession.from_build("builds/270m-onnx", provider="cpu")
     logits = sess.forward(ids, start_pos=0)      # float32 [B, V]; cache updated in place
     sess.reset()
+    feats = sess.image_features(pixel_values)   # [N, 3, S, S] -> float32 [N, mm_tokens, hidden]
+
+Vision: a build with a `vision` component gets a second InferenceSession (`OrtVision`, same
+provider and thread options), created on the first image_features() call, so text-only use pays
+nothing for it; a build without one raises VisionUnavailable with what to do.
 
 Memory per step: nothing is allocated for the caches. Every past_key_i / past_value_i OrtValue is
 created once (zeros: masked ring slots must hold finite numbers, 0 * NaN would poison the
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.build import BuildError
 from ..modeling.cache import kv_layout
 from ..modeling.config import ModelConfig
 from .session import Session
@@ -42,6 +48,40 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not available in this onnxruntime."""
+
+
+class VisionUnavailable(BuildError):
+    """image_features() on a build without a vision component."""
+
+
+class OrtVision:
+    """The vision graph: pixel_values float32 [N, 3, S, S] -> float32 [N, mm_tokens, hidden].
+
+    One InferenceSession over vision.onnx (contract: g3export.export.onnx_vision). Images are run
+    in batches of at most `max_batch` (bounds the activation memory: SigLIP at 896 px holds
+    [N, 16, 4096, 4096] attention scores per layer)."""
+
+    def __init__(self, path: str | Path, io, provider: str = "cpu", threads: int | None = None,
+                 spinning: bool | None = None, max_batch: int = 4):
+        import onnxruntime as ort
+
+        self.io = io
+        self.max_batch = max_batch
+        self.provider, self.device = resolve_provider(provider)
+        providers = [self.provider] if self.provider == "CPUExecutionProvider" else [
+            self.provider, "CPUExecutionProvider"]
+        self.sess = ort.InferenceSession(str(path), session_options(threads, None, None, spinning),
+                                         providers=providers)
+        self.shape = tuple(io.input("pixel_values").shape[1:])
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        px = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if px.ndim != 4 or tuple(px.shape[1:]) != self.shape or px.shape[0] < 1:
+            raise ValueError(f"pixel_values must be [images >= 1, {', '.join(map(str, self.shape))}]"
+                             f", got {list(px.shape)}")
+        outs = [self.sess.run(["image_features"], {"pixel_values": px[i:i + self.max_batch]})[0]
+                for i in range(0, px.shape[0], self.max_batch)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
 
 
 def physical_cores() -> int:
@@ -113,10 +153,14 @@ class OrtSession(Session):
                  dtype: str = "fp32", provider: str = "cpu", batch: int = 1,
                  threads: int | None = None, max_chunk: int | None = 512,
                  optimized_model_cache: str | Path | None = None, profile: str | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, vision: tuple[str | Path, object] | None = None):
+        """vision: (path of vision.onnx, its ComponentIO) when the build has one."""
         import onnxruntime as ort
 
         self.config = config
+        self._vision_spec = vision
+        self._vision: OrtVision | None = None
+        self._threads, self._spinning, self._provider_key = threads, spinning, provider
         self.max_context = max_context
         self.batch = batch
         self.dtype = dtype
@@ -180,15 +224,31 @@ class OrtSession(Session):
     @classmethod
     def from_build(cls, build_dir: str | Path, provider: str = "cpu", batch: int = 1,
                    **kwargs) -> "OrtSession":
-        from ..export.build import load_build
+        from ..export.build import Build, load_build
 
-        b = load_build(build_dir, expect_target="onnx")
+        b = build_dir if isinstance(build_dir, Build) else load_build(build_dir, expect_target="onnx")
         io = b.component("text")
         fixed = io.input("input_ids").shape[0]
         if isinstance(fixed, int) and fixed != batch:
             raise ValueError(f"this build was exported for batch {fixed}, not {batch}")
+        vision = None
+        if "vision" in b.components:
+            vio = b.component("vision")
+            vision = (b.path(vio.file), vio)
         return cls(b.config, b.path(io.file), io, b.max_context, b.dtype, provider, batch,
-                   **kwargs)
+                   vision=vision, **kwargs)
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, 3, S, S] float32 -> [N, mm_tokens_per_image, hidden] float32 (the vision graph)."""
+        if self._vision_spec is None:
+            what = ("has no vision encoder" if not self.config.has_vision else
+                    "was built without its vision component; rebuild it with "
+                    "`g3export build ... --components text,vision`")
+            raise VisionUnavailable(f"this build ({self.config.name}) {what}: it cannot take images")
+        if self._vision is None:
+            path, io = self._vision_spec
+            self._vision = OrtVision(path, io, self._provider_key, self._threads, self._spinning)
+        return self._vision(pixel_values)
 
     def _bind_static(self) -> None:
         b = self.binding

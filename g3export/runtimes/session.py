@@ -25,6 +25,11 @@ class Session(ABC):
     config: ModelConfig
     max_context: int
     batch: int
+    # Limits of a compiled graph that the generation loop honours when it chunks a prefill
+    # (g3export.runtimes.generate.prefill_chunks). None = no limit.
+    prefill_chunk: int | None = None  # the longest chunk the graph accepts (a TensorRT profile)
+    chunk_align: int | None = None    # no chunk may cross a multiple of this (the native TensorRT
+    #                                   translation: a chunk must not wrap a sliding layer's ring)
 
     @property
     @abstractmethod

@@ -416,15 +416,11 @@ def _export_tiny(out: Path, which: str):
 
     torch.manual_seed(0)
     model = Gemma3Model(preset("tiny")).eval()
-    table = native.TRANSLATION_TABLE if which == "native" else trt_plugin.TRANSLATION_TABLE
-    opset, irv = (native.OPSET, native.IR_VERSION) if which == "native" else (oe.OPSET, oe.IR_VERSION)
-    saved = oe.TRANSLATION_TABLE, oe.OPSET, oe.IR_VERSION
-    # TODO(integration): export_text(translation=...) instead of patching the module globals
-    oe.TRANSLATION_TABLE, oe.OPSET, oe.IR_VERSION = table, opset, irv
-    try:
-        io = oe.export_text(model, out / "raw", MAX_CONTEXT, progress=False)
-    finally:
-        oe.TRANSLATION_TABLE, oe.OPSET, oe.IR_VERSION = saved
+    from g3export.export import translations
+
+    tr = translations.get(which)
+    io = oe.export_text(model, out / "raw", MAX_CONTEXT, progress=False,
+                        translation_table=tr.table, opset=tr.opset)
     m = ir.load(out / "raw" / "text.onnx")
     native.finalize(m)
     trt_mod.prepare_for_tensorrt(m)

@@ -1,0 +1,267 @@
+"""TensorRT engine runtime over a `--target trt` / `--target trt-rtx` build directory (issue 7,
+DESIGN §3.3, §3.7). Same Session interface as the ONNX Runtime one, so the same generation loop,
+sampling, tokenizer and chat template drive it.
+
+    sess = TrtSession.from_build(load_build("builds/12b-trt"))
+    logits = sess.forward(ids, start_pos=0)      # float32 [B, V] on the host; cache updated in place
+
+Contract:
+* Needs an NVIDIA GPU (torch with CUDA) and the build's flavour of TensorRT (`tensorrt` for trt,
+  `tensorrt_rtx` for trt-rtx, the version in the manifest's `tensorrt` section). Without a GPU,
+  `from_build` raises `GpuRequired` (a BuildError: the CLI prints it without a traceback); without
+  the library, `TensorRTMissing`. Importing this module needs neither.
+* Plugin builds (`tensorrt.attention == "plugin"`): the G3Attention plugin creator is registered
+  (g3export.export.trt_plugin.register_plugins) before the engine is deserialized.
+* One engine, two optimization profiles (`prefill`: 1..prefill_chunk tokens, `decode`: 1 token),
+  one execution context per profile.
+* The static KV cache (g3export.modeling.cache.kv_layout) is allocated ONCE on the GPU as torch
+  CUDA tensors (zeros) and the same device address is bound to past_*_i and present_*_i of both
+  contexts (`set_tensor_address`): the engine updates it in place. input_ids, start_pos,
+  image_features and logits also live in fixed device buffers allocated once, so the decode step
+  (fixed shapes, fixed addresses) is captured in a CUDA graph after its first (warm-up) run and
+  replayed from then on (`cuda_graph=False` turns that off; a capture that fails falls back to
+  plain enqueues and says so in `self.cuda_graph_error`).
+* Chunk limits (honoured by g3export.runtimes.generate): `prefill_chunk` = the prefill profile's
+  longest chunk; `chunk_align` (native builds only) = the smallest ring: a chunk never crosses a
+  multiple of it, because TensorScatter(mode=linear) must not wrap a sliding layer's ring.
+  `forward` checks both and raises ValueError rather than run a wrong chunk.
+* Logits are float32 [B, 1, V] on the device and copied to the host after each step.
+* Images: only the text component has an engine so far; a build's vision component stays ONNX
+  (manifest `tensorrt.onnx_only`) and `image_features` runs it with ONNX Runtime (CUDA provider
+  when onnxruntime-gpu is installed, else CPU), created on first use.
+
+Not run here (no GPU on the machines this was written on): everything below `from_build`'s GPU
+check. It follows the TensorRT 10 / TensorRT-RTX 1.x Python API (named tensors, execute_async_v3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..export.build import Build, BuildError, load_build
+from ..modeling.cache import kv_layout
+from .session import Session
+
+NO_GPU = ("this build is a TensorRT engine ({target}) and needs an NVIDIA GPU with {lib}; none is "
+          "visible here (torch.cuda.is_available() is False). Build with --target onnx to run on "
+          "CPU (g3export build ... --target onnx), or run this build on a GPU machine")
+
+
+class GpuRequired(BuildError):
+    """A TensorRT build was opened on a machine without a usable NVIDIA GPU."""
+
+
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _require_gpu(target: str) -> Any:
+    lib = "TensorRT-RTX (pip install 'g3export[trt-rtx]')" if target == "trt-rtx" else "TensorRT"
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a dependency
+        raise GpuRequired(NO_GPU.format(target=target, lib=lib)) from e
+    if not torch.cuda.is_available():
+        raise GpuRequired(NO_GPU.format(target=target, lib=lib))
+    return torch
+
+
+class TrtSession(Session):
+    """See the module docstring."""
+
+    def __init__(self, build: Build, batch: int = 1, cuda_graph: bool = True, device: int = 0):
+        torch = _require_gpu(build.target)
+        from ..export.trt import require_tensorrt
+
+        trt = require_tensorrt(build.target)
+        section = build.manifest.get("tensorrt") or {}
+        if "engines" not in section or "text" not in section["engines"]:
+            raise BuildError(f"{build.root}: the manifest has no TensorRT text engine; rebuild it "
+                             f"with `g3export build ... --target {build.target}`")
+        if section.get("attention") == "plugin":
+            from ..export.trt_plugin import register_plugins
+
+            register_plugins(trt)  # before deserializing: the engine names the plugin creator
+        self.torch, self.trt = torch, trt
+        self._build = build
+        self._vision: Any = None
+        self.config = build.config
+        self.max_context = build.max_context
+        self.batch = batch
+        self.dtype = build.dtype
+        self.io = build.component("text")
+        self.images = bool(self.io.options.get("images"))
+        self.prefill_chunk = int(section["prefill_chunk"])
+        self.chunk_align = section.get("chunk_align")
+        if batch > int(section.get("max_batch", 1)):
+            raise BuildError(f"this engine was built for batch <= {section.get('max_batch', 1)}; "
+                             "rebuild with --max-batch")
+        self.dev = torch.device("cuda", device)
+        torch.cuda.set_device(self.dev)
+        self.stream = torch.cuda.Stream(self.dev)
+
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        engine_file = build.path(section["engines"]["text"]["file"])
+        self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        if self.engine is None:
+            raise BuildError(
+                f"{engine_file} could not be deserialized by {build.target} "
+                f"{getattr(trt, '__version__', '?')}: it was built with {section.get('library')} "
+                f"{section.get('version')} for compute capabilities "
+                f"{section.get('compute_capabilities') or 'the build GPU'}; engines are portable "
+                f"across none of these. Rebuild it on/for this GPU (g3export build ... --target "
+                f"{build.target})")
+        names = [p["name"] for p in section["engines"]["text"]["profiles"]]
+        self.contexts = {}
+        for name in ("prefill", "decode"):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(names.index(name), self.stream.cuda_stream)
+            self.contexts[name] = ctx
+
+        tdt = getattr(torch, _TORCH_DTYPES[self.dtype])
+        self.layout = kv_layout(self.config.text, self.max_context, batch, self.dtype)
+        self.caches: list[Any] = []
+        self._kv_names: list[tuple[str, str]] = []
+        for lc in self.layout.layers:
+            for past in (lc.k_name, lc.v_name):
+                self.caches.append(torch.zeros(lc.shape, dtype=tdt, device=self.dev))
+                self._kv_names.append((past, past.replace("past_", "present_")))
+        t = self.config.text
+        self._ids = torch.zeros(batch * self.prefill_chunk, dtype=torch.int64, device=self.dev)
+        self._start = torch.zeros(1, dtype=torch.int64, device=self.dev)
+        self._logits = torch.zeros(batch, 1, t.vocab_size, dtype=torch.float32, device=self.dev)
+        self._feats = (torch.zeros(self.prefill_chunk, t.hidden_size, dtype=tdt, device=self.dev)
+                       if self.images else None)
+        self._host_inputs = [n for n in ("input_ids", "start_pos")
+                             if self.engine.is_shape_inference_io(n)]
+        for ctx in self.contexts.values():
+            self._bind_static(ctx)
+        self.use_cuda_graph = cuda_graph and not self._host_inputs
+        self.cuda_graph_error: str | None = None
+        self._graph = None
+        self._decode_runs = 0
+
+    @classmethod
+    def from_build(cls, build: Build | str | Path, **kwargs: Any) -> "TrtSession":
+        if not isinstance(build, Build):
+            build = load_build(build)
+        if build.target not in ("trt", "trt-rtx"):
+            raise BuildError(f"{build.root} is a '{build.target}' build, not a TensorRT one; open "
+                             "it with g3export.runtimes.loader.open_build")
+        _require_gpu(build.target)  # the clear message first, before the library is imported
+        return cls(build, **kwargs)
+
+    # -- binding --------------------------------------------------------------------------------
+    def _bind_static(self, ctx: Any) -> None:
+        for (past, present), buf in zip(self._kv_names, self.caches):
+            ctx.set_input_shape(past, tuple(buf.shape))
+            ctx.set_tensor_address(past, buf.data_ptr())
+            ctx.set_tensor_address(present, buf.data_ptr())  # the same buffer: in-place update
+        ctx.set_tensor_address("logits", self._logits.data_ptr())
+        ctx.set_tensor_address("input_ids", self._ids.data_ptr())
+        ctx.set_tensor_address("start_pos", self._start.data_ptr())
+        ctx.set_input_shape("start_pos", (1,))
+        if self._feats is not None:
+            ctx.set_tensor_address("image_features", self._feats.data_ptr())
+            ctx.set_input_shape("image_features", (1, self.config.text.hidden_size))
+
+    # -- Session interface --------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        return sum(int(c.numel()) * c.element_size() for c in self.caches)
+
+    def reset(self) -> None:
+        with self.torch.cuda.stream(self.stream):
+            for c in self.caches:
+                c.zero_()
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        comps = self._build.components
+        if "vision" not in comps:
+            raise BuildError(f"this build ({self.config.name}) has no vision component: it cannot "
+                             "take images")
+        if self._vision is None:
+            import onnxruntime as ort
+
+            from .ort_session import OrtVision
+
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+            io = comps["vision"]
+            self._vision = OrtVision(self._build.path(io.file), io, "cuda" if cuda else "cpu")
+        return self._vision(pixel_values)
+
+    def check_chunk(self, start_pos: int, t: int) -> None:
+        if t < 1 or t > self.prefill_chunk:
+            raise ValueError(f"a chunk of {t} tokens; this engine takes 1..{self.prefill_chunk}")
+        if start_pos < 0 or start_pos + t > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed max_context "
+                             f"{self.max_context}")
+        if self.chunk_align:
+            from ..export.onnx_native_attention import check_chunk
+
+            check_chunk(start_pos, t, int(self.chunk_align))
+
+    def forward(self, input_ids: np.ndarray, start_pos: int,
+                image_features: np.ndarray | None = None) -> np.ndarray:
+        torch = self.torch
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"input_ids must be [batch={self.batch}, T], got {ids.shape}")
+        t = ids.shape[1]
+        self.check_chunk(start_pos, t)
+        if image_features is not None and self._feats is None:
+            raise ValueError("this build's text graph takes no image_features (text-only export)")
+        decode = t == 1 and image_features is None
+        ctx = self.contexts["decode" if decode else "prefill"]
+        with torch.cuda.stream(self.stream):
+            n = self.batch * t
+            self._ids[:n].copy_(torch.from_numpy(ids.reshape(-1)), non_blocking=False)
+            self._start.fill_(int(start_pos))
+            rows = 1
+            if self._feats is not None:
+                if image_features is not None:
+                    f = torch.from_numpy(np.ascontiguousarray(image_features, np.float32))
+                    rows = f.shape[0]
+                    if rows > self._feats.shape[0]:
+                        raise ValueError(f"{rows} image feature rows; at most "
+                                         f"{self._feats.shape[0]} per chunk")
+                    self._feats[:rows].copy_(f.to(self._feats.dtype))
+                ctx.set_input_shape("image_features", (rows, self.config.text.hidden_size))
+            ctx.set_input_shape("input_ids", (self.batch, t))
+            if decode and self.use_cuda_graph:
+                self._decode_step(ctx)
+            elif not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            out = self._logits[:, -1, :].to("cpu", non_blocking=False)
+        self.stream.synchronize()
+        return out.numpy().astype(np.float32, copy=False)
+
+    def _decode_step(self, ctx: Any) -> None:
+        """Decode through a CUDA graph: the first step runs plainly (TensorRT's lazy set-up must
+        not be captured), the second is captured, every later one is a replay."""
+        torch = self.torch
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if self._decode_runs == 0:
+            self._decode_runs += 1
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            self.stream.synchronize()
+            with torch.cuda.graph(graph, stream=self.stream):
+                ok = ctx.execute_async_v3(self.stream.cuda_stream)
+            if not ok:
+                raise RuntimeError("execute_async_v3 failed during capture")
+            self._graph = graph
+            graph.replay()  # capture records, it does not run
+        except Exception as e:  # a plugin or TensorRT version that cannot be captured
+            self.cuda_graph_error = f"{type(e).__name__}: {e}"
+            self.use_cuda_graph = False
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
