@@ -12,7 +12,7 @@ TensorRT translation); an image that cannot be placed within those limits is a G
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np

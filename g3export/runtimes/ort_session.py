@@ -310,8 +310,6 @@ class OrtSession(Session):
         return out
 
     def _run(self, ids: np.ndarray, start_pos: int, image_features) -> np.ndarray:
-        import onnxruntime as ort
-
         b = self.binding
         self._start[0] = start_pos
         b.bind_cpu_input("input_ids", ids)

@@ -230,3 +230,25 @@ def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
           f"{man['files']['text.onnx.data']['size']} bytes, peak RSS {peak_mb:.0f} MiB "
           f"(largest child so far)")
     assert e["bytes"] > 100 << 20
+
+
+def test_multimodal_plugin_build(tmp_path):
+    """A tiny Gemma3ForConditionalGeneration: the text component (taking image features) becomes a
+    TensorRT-RTX engine with the plugin; the vision component stays ONNX (run by ONNX Runtime)."""
+    import torch
+    import transformers
+
+    from g3export.export.build import load_build
+    from tests.multimodal import _hf_config
+
+    torch.manual_seed(0)
+    ck = tmp_path / "tiny-mm"
+    transformers.Gemma3ForConditionalGeneration(_hf_config()).eval().save_pretrained(ck)
+    proc = _cli("build", "--checkpoint", str(ck), "--target", "trt-rtx", "--attention", "plugin",
+                "--max-context", "64", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = load_build(tmp_path / "b")
+    assert set(b.manifest["components"]) == {"text", "vision"}
+    assert b.manifest["tensorrt"]["onnx_only"] == ["vision"]
+    text_inputs = {io["name"] for io in b.manifest["components"]["text"]["inputs"]}
+    assert "image_features" in text_inputs and "text.engine" in b.manifest["files"]

@@ -23,9 +23,8 @@ traceback.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
 
 import numpy as np
 import pytest
@@ -41,11 +40,9 @@ from g3export.runtimes.ort_session import OrtSession, VisionUnavailable
 
 pytest.importorskip("onnxruntime")
 
-_spec = importlib.util.spec_from_file_location(
-    "_mm_parity", Path(__file__).parents[1] / "modeling" / "test_multimodal_parity.py")
-mm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mm)
-models, pixels = mm.models, mm.pixels  # the module-scoped fixtures (HF model, checkpoint, pictures)
+from tests import multimodal as mm
+from tests.multimodal import models, pixels  # noqa: F401  (module-scoped fixtures)
+
 TINY, IMG, MM, DECODE = mm.TINY, mm.IMG, mm.MM, mm.DECODE
 ATOL, RTOL = 1e-4, 1e-4  # fp32, ONNX Runtime vs PyTorch
 
