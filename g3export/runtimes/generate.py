@@ -114,9 +114,9 @@ def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
     elif n_img_tokens:
         raise GenerationError(f"the prompt holds {n_img_tokens} image tokens but no image was given")
 
-    limit = getattr(session, "prefill_chunk", None)
+    limit = session.prefill_chunk
     chunks = prefill_chunks(ids, min(chunk_size, limit or chunk_size), cfg.image_token_id,
-                            getattr(session, "chunk_align", None))
+                            session.chunk_align)
     if limit and any(e - s > limit for s, e in chunks):
         raise GenerationError(f"an image needs a prefill chunk longer than this build's longest "
                               f"({limit} tokens); rebuild with a larger --prefill-chunk")
