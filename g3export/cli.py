@@ -68,6 +68,8 @@ def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
     import torch
 
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    source = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
+    click.echo(f"loading {source} weights ({dtype}) ...", err=True)
     return build_model(size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
                        all_logits=all_logits)
 

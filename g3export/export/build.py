@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,13 +256,19 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
         from .onnx_export import export_text
         from .onnx_vision import export_vision
 
+        def step(what: str) -> None:  # the export itself has no progress bar: say what runs
+            if progress:
+                print(f"{what} ...", file=sys.stderr, flush=True)
+
         t0 = time.perf_counter()
         ios = []
         if "text" in components:
+            step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
                                    **(export_options or {})))
         if "vision" in components:
+            step("exporting the vision component (torch.export -> ONNX)")
             ios.append(export_vision(model, tmp, dtype, progress=progress))
         export_s = time.perf_counter() - t0
         tok_name = None

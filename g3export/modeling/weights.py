@@ -396,8 +396,12 @@ def load_weights(model: Gemma3Model, path: str | Path) -> None:
             + "; ".join(problems) + ". Check that the checkpoint is a complete Gemma 3 checkpoint "
             "whose config matches its weights")
 
+    from tqdm import tqdm
+
     with torch.no_grad():
-        for name, entry in plan.items():
+        # A long step on real checkpoints (GGUF dequantization, multi-GB safetensors): show it.
+        for name, entry in tqdm(plan.items(), desc=f"loading {p.name}", unit="tensor",
+                                leave=False, disable=len(plan) < 50):
             tensor = entry.read()
             targets[name].copy_(tensor)
             del tensor
