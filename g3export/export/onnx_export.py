@@ -219,17 +219,25 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
 
 
 class _quiet:
-    """Silence torch.onnx's progress prints (we show our own)."""
+    """Silence torch.onnx's progress prints (we show our own) and its registry's log lines about
+    torchvision ops, which have nothing to do with Gemma."""
+
+    _LOGGER = "torch.onnx._internal.exporter._registration"
 
     def __enter__(self):
         import contextlib
         import io as _io
+        import logging
         import warnings
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(_io.StringIO()))
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+        logger = logging.getLogger(self._LOGGER)
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        self._stack.callback(logger.setLevel, level)
         return self
 
     def __exit__(self, *exc):
