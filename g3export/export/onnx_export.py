@@ -218,6 +218,16 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     return io
 
 
+def _take_over(old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` everywhere (graph outputs too) and takes its name, shape and type, so
+    the graph's I/O names stay those of the contract; `old` is renamed out of the way."""
+    new.shape, new.type = old.shape, old.type
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = f"{name}_replaced"
+    new.name = name
+
+
 class _quiet:
     """Silence torch.onnx's progress prints (we show our own) and its registry's log lines about
     torchvision ops, which have nothing to do with Gemma."""
@@ -299,12 +309,7 @@ def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
             n_shape = ir.node("Concat", [n_lead.outputs[0], vocab_dim], attributes={"axis": 0})
             n_out = ir.node("Reshape", [n_gemm.outputs[0], n_shape.outputs[0]])
             g.insert_before(mm, [n_flat, n_gemm, n_lead, n_shape, n_out])
-            new_y = n_out.outputs[0]
-            new_y.shape, new_y.type = y.shape, y.type
-            name = y.name
-            ir.convenience.replace_all_uses_with(y, new_y, replace_graph_outputs=True)
-            y.name = f"{name}_replaced"
-            new_y.name = name
+            _take_over(y, n_out.outputs[0])
             g.remove(mm, safe=True)
             n_rewritten += 1
         g.remove(tr, safe=True)
@@ -399,12 +404,7 @@ def _fuse_rms_norm(m: ir.Model) -> int:
         n = ir.node("SimplifiedLayerNormalization", [x, scale],
                     attributes={"axis": -1, "epsilon": float(eps), "stash_type": 1})
         g.insert_before(mul2, n)
-        out = n.outputs[0]
-        out.shape, out.type = y.shape, y.type
-        name = y.name
-        ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
-        y.name = f"{name}_unfused"
-        out.name = name
+        _take_over(y, n.outputs[0])
         for dead in (mul2, mul, rc, sq, add, rm):
             g.remove(dead, safe=True)
         if not list(pw.outputs[0].uses()):

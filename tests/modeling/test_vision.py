@@ -20,23 +20,9 @@ TINY = preset("tiny-vision")
 
 def _hf_tiny_model():
     """A random HF Gemma3ForConditionalGeneration whose vision part is TINY's."""
-    transformers = pytest.importorskip("transformers")
-    v, t = TINY.vision, TINY.text
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-        layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, vision_use_head=False)
-    text = transformers.Gemma3TextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=2, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, sliding_window=t.sliding_window)
-    cfg = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=TINY.mm_tokens_per_image,
-        boi_token_index=TINY.boi_token_id, eoi_token_index=TINY.eoi_token_id,
-        image_token_index=TINY.image_token_id)
-    cfg._attn_implementation = "eager"
-    cfg.vision_config._attn_implementation = "eager"
+    from tests.multimodal import _hf_config, transformers
+
+    cfg = _hf_config()
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
     # HF initialises every norm weight to 1 (LayerNorm) or 0 (Gemma RMSNorm); randomise them (and
