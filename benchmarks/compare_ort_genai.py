@@ -227,9 +227,10 @@ def _spin_text(spin: str) -> str:
 class Ours:
     name = "g3export"
 
-    def __init__(self, build_dir: Path, threads: int, spin: str = "default"):
+    def __init__(self, build_dir: Path, threads: int, spin: str = "default", name: str = "g3export"):
         from g3export.runtimes.ort_session import OrtSession
 
+        self.name = name
         t = time.perf_counter()
         spinning = None if spin == "default" else spin == "on"
         self.session = OrtSession.from_build(build_dir, provider="cpu", threads=threads,
@@ -313,7 +314,9 @@ def summarize(runs):
 def main(argv=None):
     global PROMPT_LEN, NEW_TOKENS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build-dir", default="builds/270m", help="g3export ONNX build (fp32, cpu)")
+    ap.add_argument("--build-dir", action="append", default=None,
+                    help="g3export ONNX build (fp32, cpu); default builds/270m. Repeat it to time "
+                         "several builds side by side (e.g. before/after a graph change)")
     ap.add_argument("--genai-dir", default="/work/bench_art/genai270m", help="GenAI model folder")
     ap.add_argument("--hf-dir", default="/work/bench_art/hf270m", help="HF folder written from the GGUF")
     ap.add_argument("--cache-dir", default=None, help="GenAI builder cache (default: beside --genai-dir)")
@@ -339,19 +342,24 @@ def main(argv=None):
         prepare(args)
         return 0
 
-    build_dir, genai_dir, hf_dir = Path(args.build_dir), Path(args.genai_dir), Path(args.hf_dir)
+    build_dirs = [Path(d) for d in (args.build_dir or ["builds/270m"])]
+    genai_dir, hf_dir = Path(args.genai_dir), Path(args.hf_dir)
     if args.skip_ours and args.skip_genai:
         ap.error("nothing to time")
     if not args.skip_genai and not (genai_dir / "genai_config.json").exists():
         ap.error(f"{genai_dir}: no genai_config.json; run with --prepare first")
-    if not args.skip_ours and not (build_dir / "manifest.json").exists():
-        ap.error(f"{build_dir}: not a g3export build; g3export build --size 270m --target onnx --out {build_dir}")
+    for build_dir in build_dirs if not args.skip_ours else []:
+        if not (build_dir / "manifest.json").exists():
+            ap.error(f"{build_dir}: not a g3export build; "
+                     f"g3export build --size 270m --target onnx --out {build_dir}")
 
     mach = machine()
     print(f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, load {mach['loadavg']}", flush=True)
     runners = []
     if not args.skip_ours:
-        runners.append(Ours(build_dir, args.threads, args.spin))
+        for i, build_dir in enumerate(build_dirs):
+            runners.append(Ours(build_dir, args.threads, args.spin,
+                                "g3export" if i == 0 else f"g3export[{build_dir.name}]"))
     if not args.skip_genai:
         runners.append(GenAI(genai_dir, args.threads, args.spin))
     for r in runners:
@@ -396,33 +404,39 @@ def main(argv=None):
                          f"copy_bandwidth_GBps_{args.threads}_threads": round(bwn, 1),
                          "decode_tok_s_bound": round(bw * 1e9 / nbytes, 1)},
     }
-    if len(summary) == 2:
-        o, g = summary["g3export"], summary["ort-genai"]
-        report["ratios_ours_over_genai"] = {
-            "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
-            "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
-            "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
-            "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
-        }
-        a, b = tokens["g3export"], tokens["ort-genai"]
-        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        report["greedy_tokens_agree_first_n"] = same
+    if "ort-genai" in summary:
+        g = summary["ort-genai"]
+        for r in ours:
+            o = summary[r.name]
+            suffix = "" if r.name == "g3export" else f"_{r.name}"
+            report["ratios_ours_over_genai" + suffix] = {
+                "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
+                "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
+                "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
+                "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
+            }
+            a, b = tokens[r.name], tokens["ort-genai"]
+            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            report["greedy_tokens_agree_first_n" + suffix] = same
 
     # table
     print()
-    print(f"{'runtime':10s} {'TTFT ms med/min':>17s} {'prefill tok/s med/max':>23s} "
+    w = max(10, *(len(n) for n in summary))
+    print(f"{'runtime':{w}s} {'TTFT ms med/min':>17s} {'prefill tok/s med/max':>23s} "
           f"{'decode tok/s med/max':>22s} {'ms/token med':>13s}")
     for name, s in summary.items():
-        print(f"{name:10s} {s['ttft_s_median'] * 1000:8.1f}/{s['ttft_s_min'] * 1000:<8.1f} "
+        print(f"{name:{w}s} {s['ttft_s_median'] * 1000:8.1f}/{s['ttft_s_min'] * 1000:<8.1f} "
               f"{s['prefill_tok_s_median']:11.1f}/{s['prefill_tok_s_max']:<11.1f} "
               f"{s['decode_tok_s_median']:10.2f}/{s['decode_tok_s_max']:<11.2f} "
               f"{s['decode_ms_per_token_median']:13.2f}")
-    if "ratios_ours_over_genai" in report:
-        rr = report["ratios_ours_over_genai"]
-        print(f"ours/GenAI: decode {rr['decode_tok_s_median']:.3f} (median), "
-              f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
-              f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the first "
-              f"{report['greedy_tokens_agree_first_n']}")
+    for key, rr in report.items():
+        if key.startswith("ratios_ours_over_genai"):
+            who = key[len("ratios_ours_over_genai"):].lstrip("_") or "g3export"
+            agree = report["greedy_tokens_agree_first_n" + key[len("ratios_ours_over_genai"):]]
+            print(f"{who}/GenAI: decode {rr['decode_tok_s_median']:.3f} (median), "
+                  f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
+                  f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
+                  f"first {agree}")
     mb = report["memory_bound"]
     print(f"memory bound: {nbytes / 1e9:.3f} GB read per decode token ({what}) at "
           f"{mb['copy_bandwidth_GBps']} GB/s (best of numpy copy, read+write, 1 thread {bw1:.1f}, "

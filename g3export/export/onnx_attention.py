@@ -14,14 +14,20 @@ What the emitted subgraph does (one per layer):
 * Old keys and chunk keys are multiplied separately and their scores concatenated (not the keys:
   no copy of the cache is made to append the chunk). Probabilities are split the same way.
 * Full layers read only the valid prefix of their cache, slots 0..start-1 (`Slice` with the
-  runtime start), so decode cost grows with the used context, not with max_context. Those slots
-  are all visible (they precede the chunk), so the old part needs no mask.
-* Sliding layers read their whole W-slot ring with an explicit boolean mask built from start_pos:
+  runtime start), so decode cost grows with the used context, not with max_context. Sliding
+  layers read their whole W-slot ring, masked: slicing it to its filled slots would spare the
+  first prefill chunk its products with empty slots, but ORT's CPU `Slice` copies, and copying
+  every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs,
+  benchmarks/compare_ort_genai.py with two builds side by side), for a prefill gain within noise.
+* The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
+  scores (L = start on full layers, S on sliding ones), built once per graph for each layer kind
+  and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8%
+  of a 512-token prefill on ORT's CPU: its broadcasting kernel is much slower than `Add`'s. What the bias encodes: full layers see the
+  whole prefix (it precedes the chunk); a sliding layer's slot s holds position
   p_s = start-1 - ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e. Python's sign rule),
-  visible iff p_s >= 0 and p_s > pos_q - W.
-* The chunk's own keys get the causal mask, OR'ed with the same-image block mask from
-  image_groups, AND'ed with the window on sliding layers. Masking is `Where(mask, s, -inf)`;
-  every query sees at least itself, so no row is all -inf.
+  visible iff p_s >= 0 and p_s > pos_q - W. The chunk's own keys get the causal mask, OR'ed
+  with the same-image block mask from image_groups, AND'ed with the window on sliding layers. Every query
+  sees at least itself, so no row is all -inf.
 * The write: the last n = min(T, S) rows of k/v go to slots (pos mod S) with `ScatterND`
   (indices [B,KV,n,3] = (b, kv, slot)). ScatterND rather than ScatterElements: its indices are
   per row, not per element (n*3 instead of n*D integers), it exists from opset 11 (no opset 24
@@ -30,9 +36,9 @@ What the emitted subgraph does (one per layer):
 
 Ordering of read and write. The runtime binds the same buffer to past_key_i (input) and
 present_key_i (output), so the ScatterND writes into the memory the attention reads. Every read
-must therefore run before the write. The graph enforces it by data dependency: the bounds of the
-`updates` slice fed to ScatterND are taken from `Shape` of this layer's attention product
-[B,KV,G*T,D] (divided by G), not from q or k, so the ScatterND cannot be scheduled before the
+must therefore run before the write. The graph enforces it by data dependency: the end of the
+`updates` slice fed to ScatterND is taken from `Shape` of this layer's attention product
+[B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be scheduled before the
 attention has consumed the old cache. The shape is symbolic (T is dynamic), so neither the
 exporter's nor ORT's constant folding can remove it, and the G*T dim is a computed one, so
 shape-merging passes cannot rewire it to q's Shape either.
@@ -134,10 +140,12 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     u = _shared(key + ("u",), lambda: op.Range(_int(0), t_scalar, _int(1)))  # [T] chunk offsets
 
     # ---- reads of the old cache (all before the write, see module docstring) ----------------
-    if sliding:
-        k_old, v_old = k_cache, v_cache                    # [B,KV,S,D] ring
-    else:
-        k_old = op.Slice(k_cache, zero, start, axis2)      # [B,KV,start,D] valid prefix
+    if sliding:  # the whole ring: no copy (see the module docstring for why not only filled slots)
+        n_old = _shared(key + ("S", slots), lambda: _ints(slots))  # [1] L = S
+        k_old, v_old = k_cache, v_cache                    # [B,KV,S,D]
+    else:        # the valid prefix, slots 0..start-1
+        n_old = start                                      # [1] L = start
+        k_old = op.Slice(k_cache, zero, start, axis2)      # [B,KV,start,D]
         v_old = op.Slice(v_cache, zero, start, axis2)
 
     qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
@@ -146,41 +154,38 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
     s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
 
-    # ---- masks (shared by the layers of one kind) --------------------------------------------
-    neg_inf = _shared(key + ("-inf",), lambda: op.Constant(value_float=-math.inf))
-
-    def make_new_ok():
+    # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
+    def make_bias():
+        b_dim = op.Shape(image_groups, start=0, end=1)
         causal = op.LessOrEqual(op.Unsqueeze(u, zero), op.Unsqueeze(u, one))  # [T(q), T(k)]
         g_q = op.Unsqueeze(image_groups, axis2)            # [B,T,1]
         g_k = op.Unsqueeze(image_groups, one)              # [B,1,T]
         block = op.And(op.GreaterOrEqual(g_q, _int(0)), op.Equal(g_q, g_k))  # [B,T,T]
-        ok = op.Or(op.Unsqueeze(causal, zero), block)      # [B,T,T]
+        new_ok = op.Or(op.Unsqueeze(causal, zero), block)  # [B,T,T]
+        old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
         if sliding:
             dist = op.Sub(op.Unsqueeze(u, one), op.Unsqueeze(u, zero))  # u_q - u_k
-            ok = op.And(ok, op.Unsqueeze(op.Less(dist, _int(window)), zero))
-        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
-        return op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,T]
-
-    new_ok = _shared(key + ("new_ok", window, groups), make_new_ok)
-    s_new = op.Where(new_ok, s_new, neg_inf)
-    if sliding:
-        def make_old_ok():
+            new_ok = op.And(new_ok, op.Unsqueeze(op.Less(dist, _int(window)), zero))
+            # slot s holds position p_s = start-1 - ((start-1-s) mod S); < 0: empty
             s_idx = op.Range(_int(0), _int(slots), _int(1))  # [S]
             last = op.Sub(start_s, _int(1))
-            p_old = op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots)))  # [S] position per slot
+            p_old = op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots)))
             pos_q = op.Add(start_s, u)                       # [T]
-            ok = op.And(
-                op.GreaterOrEqual(op.Unsqueeze(p_old, zero), _int(0)),
-                op.Greater(op.Unsqueeze(p_old, zero),
-                           op.Unsqueeze(op.Sub(pos_q, _int(window)), one)))  # [T,S]
-            return op.Tile(ok, _ints(groups, 1))             # [G*T,S]
+            p_old = op.Unsqueeze(p_old, zero)                # [1,S]
+            old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)),
+                            op.Greater(p_old, op.Unsqueeze(op.Sub(pos_q, _int(window)), one)))
+            old_ok = op.Expand(op.Unsqueeze(old_ok, zero), old_shape)
+        else:                                                # the whole prefix precedes the chunk
+            old_ok = op.Expand(op.Constant(value=ir.tensor([True])), old_shape)
+        ok = op.Concat(old_ok, new_ok, axis=-1)              # [B,T,L+T]
+        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
+        ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,L+T]
+        return op.Where(ok, op.Constant(value_float=0.0), op.Constant(value_float=-math.inf))
 
-        old_ok = _shared(key + ("old_ok", window, slots, groups), make_old_ok)
-        s_old = op.Where(old_ok, s_old, neg_inf)
+    bias = _shared(key + ("bias", window, slots, groups), make_bias)
 
     # ---- softmax over old and new keys together, fp32 ---------------------------------------
-    n_old = _int_slots_or_start(key, sliding, slots, start)  # [1] L (= S or start)
-    probs = op.Softmax(op.Concat(s_old, s_new, axis=-1), axis=-1)
+    probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
     last_axis = _shared(key + ("c3",), lambda: _ints(3))
     n_all = _shared(key + ("n_all", sliding, slots), lambda: op.Add(n_old, t_q))
     p_old = op.Slice(probs, zero, n_old, last_axis)          # [B,KV,G*T,L]
@@ -193,10 +198,12 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     # ---- the write ---------------------------------------------------------------------------
     # Slots and indices are shared by the layers with the same S. What makes each layer's write
-    # wait for its own attention is the update slice: its bounds come from Shape of this layer's
-    # attention product ([B,KV,G*T,D] -> G*T / G = T), so ScatterND's `updates` input depends on ctx.
-    t_w = op.Div(op.Shape(ctx, start=2, end=3), _ints(groups))  # [1] == T, after attention
-    first_w = op.Sub(t_w, op.Min(t_w, _ints(slots)))
+    # wait for its own attention is the update slice: its end is Shape of this layer's attention
+    # product ([B,KV,G*T,D] -> G*T, which Slice clamps to T), so ScatterND's `updates` input
+    # depends on ctx. Its start -S keeps the last min(T, S) rows (a negative start below -T is
+    # clamped to 0).
+    end_w = op.Shape(ctx, start=2, end=3)                    # [1] G*T, after attention
+    first_w = _shared(key + ("-S", slots), lambda: _ints(-slots))
 
     def make_indices():
         n = op.Min(t_q, _ints(slots))
@@ -213,20 +220,14 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
                          op.Expand(s_idx4, idx_shape), axis=-1)  # [B,KV,n,3]
 
     indices = _shared(key + ("indices", slots, kv_heads), make_indices)
-    k_upd = op.Slice(k, first_w, t_w, axis2)                 # [B,KV,n,D]
-    v_upd = op.Slice(v, first_w, t_w, axis2)
+    k_upd = op.Slice(k, first_w, end_w, axis2)               # [B,KV,n,D]
+    v_upd = op.Slice(v, first_w, end_w, axis2)
     if k.dtype != k_cache.dtype:
         k_upd = op.Cast(k_upd, to=k_cache.dtype)
         v_upd = op.Cast(v_upd, to=v_cache.dtype)
     k_new = op.ScatterND(k_cache, indices, k_upd)
     v_new = op.ScatterND(v_cache, indices, v_upd)
     return out, k_new, v_new
-
-
-def _int_slots_or_start(key, sliding: bool, slots: int, start):
-    if sliding:
-        return _shared(key + ("S", slots), lambda: _ints(slots))
-    return start
 
 
 TRANSLATION_TABLE = {torch.ops.g3.attention.default: g3_attention}

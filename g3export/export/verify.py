@@ -129,8 +129,8 @@ def _load_initializers(onnx_path, params) -> set[str]:
             if key not in params:
                 continue
             t = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
-            if transposed:
-                t = t.t()
+            if transposed:  # W^T [in, out]; the embedding's is [1, hidden, vocab]
+                t = t.reshape(t.shape[-2:]).t()
             if tuple(t.shape) != tuple(params[key].shape):
                 raise ValueError(f"initializer {name} has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(params[key].shape)}")
