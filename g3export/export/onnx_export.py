@@ -26,17 +26,26 @@ the runtime binds one buffer to both and the graph writes the chunk into it in p
 see onnx_attention for why that is ordered after every read). Cache slot rule: slot = position
 mod S_i (g3export.modeling.cache).
 
-Graph details that matter for memory and speed:
-* The tied 262144-row embedding is ONE initializer, stored transposed as [1, hidden, vocab]:
-  `Gather(axis=2)` reads it for the lookup and the lm_head is a `MatMul` on it. The 3-D shape
-  keeps ORT from pre-packing it, which makes the decode-step lm_head ~25% faster on CPU
-  (`_tie_lm_head` says why and what torch.onnx's own form would cost).
-* The other Linear weights come out of torch.onnx as `MatMul(x, Transpose(W))`; `_fold_weight_
-  transposes` stores W^T as the initializer (lazily, at write time) so ORT has nothing to fold
-  and no weight is transposed at session start.
+Graph details that matter for memory and speed (the passes run in this order after export):
+* `_tie_lm_head`: the tied 262144-row embedding is ONE initializer, stored transposed as
+  [1, hidden, vocab]: `Gather(axis=2)` reads it for the lookup and the lm_head is a `MatMul` on
+  it. The 3-D shape keeps ORT from pre-packing it; MLAS's unpacked single-row kernel streams it
+  faster (0.85x the time of the packed `Gemm(transB=1)` it replaced, benchmarks/lm_head.py).
+* `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
+  `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
+  nothing to fold and no weight is transposed at session start.
+* `_fuse_rms_norm`: Gemma's RMSNorm (7 nodes) -> SimplifiedLayerNormalization.
+* For the ONNX Runtime translation only (the TensorRT graphs keep standard ONNX):
+  `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding, and
+  `_fuse_sibling_matmuls` makes q/k/v and gate/up one MatMul each on weights concatenated along
+  N (initializer named "a.T+b.T+...", which verify splits back), followed by a Split.
+  With these the 270M's decode step is ~920 ORT kernels instead of ~1170; measured side by side
+  on 2 vCPUs, decode went from 0.91-0.95x to 1.06-1.22x ONNX Runtime GenAI's (BENCHMARKS.md).
 * The onnxscript optimizer is NOT run: on the tiny model it adds ~16 s to the export, and all it
-  does that matters here (the transposes) is done by the two passes above; ORT applies its own
-  graph optimizations (ORT_ENABLE_ALL) at session start.
+  does that matters here is done by the passes above; ORT applies its own graph optimizations
+  (ORT_ENABLE_ALL) at session start. The passes are hand-written on onnx_ir because each is a
+  fixed pattern of our own exporter's output, checked by tests (test_graph_passes_applied) and
+  by the parity tests; onnxscript's rewriter would need the same patterns spelled out.
 * IR version 10 (opset 20): onnx 1.23 would write IR 14, which onnxruntime does not read.
 """
 
@@ -48,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -212,6 +222,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     _fuse_rms_norm(m)
     if translation_table is None or translation_table is TRANSLATION_TABLE:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
+        _fuse_sibling_matmuls(m)
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)
@@ -289,10 +300,10 @@ def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
 
     Why this layout (measured on ONNX Runtime 1.32's CPU, 2 threads, 270M: benchmarks/lm_head.py):
     a 2-D constant MatMul/Gemm weight is pre-packed by MLAS at session start, and for one row
-    (decode) the packed GEMM streams the 671 MB lm_head ~25% slower than MLAS's unpacked
-    single-row kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D weights). The
-    lm_head is the largest read of a 270M decode step. The other Linear weights stay 2-D: for
-    their sizes the packed path is the faster one. x is flattened to [1, B*T, hidden] so a batch
+    (decode) the packed GEMM streams the 671 MB lm_head slower than MLAS's unpacked single-row
+    kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D weights): 24.2 vs 28.6 ms
+    median. The lm_head is the largest read of a 270M decode step. The other Linear weights stay
+    2-D: for their sizes (0.6-5 MB) the packed path measured faster, at one row and at 512. x is flattened to [1, B*T, hidden] so a batch
     reads the weight once. The lookup gathers `hidden` strided elements per token (cheap).
     torch.onnx's own form, MatMul(x, Transpose(E)), would make ORT's constant folding store a
     second, transposed copy of the embedding (1 GiB at 12B bf16).
@@ -373,6 +384,51 @@ def _fold_weight_transposes(m: ir.Model) -> None:
         ir.convenience.replace_all_uses_with(out, nv)
         g.remove(tr, safe=True)
         g.initializers.pop(v.name)
+
+
+def _fuse_sibling_matmuls(m: ir.Model) -> int:
+    """MatMuls of one input by different 2-D weights (q/k/v projections; gate/up) -> one MatMul by
+    the weights concatenated along N, then a Split. Fewer, larger GEMMs: on a CPU decode step every
+    MatMul is a thread-pool dispatch over a few MB of weights. The fused initializer is named by its
+    parts joined with "+" (in order), so readers of the build (verify) can split it back.
+    Returns the number of MatMuls removed."""
+    g = m.graph
+    removed = 0
+    for x in [v for n in g for v in n.outputs]:
+        group = []
+        for node, idx in x.uses():
+            w = node.inputs[1] if node.op_type == "MatMul" and idx == 0 else None
+            if w is not None and w.const_value is not None and w.shape is not None \
+                    and len(w.shape) == 2 and len(list(w.uses())) == 1 and w.name in g.initializers:
+                group.append((node, w))
+        if len(group) < 2 or len({w.const_value.dtype for _, w in group}) != 1 \
+                or len({w.shape[0] for _, w in group}) != 1:
+            continue
+        order = {id(n): i for i, n in enumerate(g)}
+        group.sort(key=lambda nw: order[id(nw[0])])
+        weights = [w for _, w in group]
+        widths = [w.shape[1] for w in weights]
+        parts = [w.const_value for w in weights]
+        name = "+".join(w.name for w in weights)
+        lazy = ir.LazyTensor(lambda parts=parts: ir.tensor(
+            np.concatenate([p.numpy() for p in parts], axis=1)), dtype=parts[0].dtype,
+            shape=ir.Shape([weights[0].shape[0], sum(widths)]), name=name)
+        fw = ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
+        g.register_initializer(fw)
+        split_t = ir.tensor(np.array(widths, dtype=np.int64), name=name + "_split")
+        split_v = ir.Value(name=split_t.name, const_value=split_t, shape=ir.Shape(split_t.shape),
+                           type=ir.TensorType(ir.DataType.INT64))
+        g.register_initializer(split_v)
+        mm = ir.node("MatMul", [x, fw])
+        sp = ir.node("Split", [mm.outputs[0], split_v], attributes={"axis": -1},
+                     num_outputs=len(group))
+        g.insert_before(group[0][0], [mm, sp])
+        for (node, w), out in zip(group, sp.outputs):
+            _take_over(node.outputs[0], out)
+            g.remove(node, safe=True)
+            g.initializers.pop(w.name)
+        removed += len(group) - 1
+    return removed
 
 
 def _single_use(v: ir.Value, op_type: str) -> ir.Node | None:

@@ -121,21 +121,25 @@ def _load_initializers(onnx_path, params) -> set[str]:
     loaded = set()
     with torch.no_grad():
         for name, arr in iter_initializers(onnx_path):
-            if not name.startswith("model."):
+            # "a.T+b.T+...": weights the exporter concatenated along their output axis (N)
+            names = name.split("+")
+            keys = [(p[len("model."):].removesuffix(".T"), p.endswith(".T")) for p in names]
+            if not all(p.startswith("model.") and k in params for p, (k, _) in zip(names, keys)):
                 continue
-            key, transposed = name[len("model."):], False
-            if key.endswith(".T"):
-                key, transposed = key[:-2], True
-            if key not in params:
-                continue
-            t = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
-            if transposed:  # W^T [in, out]; the embedding's is [1, hidden, vocab]
-                t = t.reshape(t.shape[-2:]).t()
-            if tuple(t.shape) != tuple(params[key].shape):
-                raise ValueError(f"initializer {name} has shape {tuple(t.shape)}, "
-                                 f"the model expects {tuple(params[key].shape)}")
-            params[key].copy_(t)
-            loaded.add(key)
+            full = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
+            col = 0
+            for key, transposed in keys:
+                t = full
+                if len(names) > 1:  # [in, N1 + N2 + ...]: this part's columns
+                    n = params[key].shape[0]
+                    t, col = full[:, col:col + n], col + n
+                if transposed:  # W^T [in, out]; the embedding's is [1, hidden, vocab]
+                    t = t.reshape(t.shape[-2:]).t()
+                if tuple(t.shape) != tuple(params[key].shape):
+                    raise ValueError(f"initializer {name} has shape {tuple(t.shape)}, "
+                                     f"the model expects {tuple(params[key].shape)} for {key}")
+                params[key].copy_(t)
+                loaded.add(key)
     return loaded
 
 

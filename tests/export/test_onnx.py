@@ -125,8 +125,9 @@ def test_embedding_stored_once(built):
 
 def test_graph_passes_applied(built):
     """The exporter's rewrites for ONNX Runtime took effect on this graph (parity is checked by
-    the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, and the tied
-    embedding read by a Gather and a MatMul on the same [1, hidden, vocab] initializer."""
+    the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, q/k/v and
+    gate/up each one MatMul on concatenated weights, and the tied embedding read by a Gather and
+    a MatMul on the same [1, hidden, vocab] initializer."""
     import onnx_ir as ir
 
     out, model = built
@@ -134,6 +135,11 @@ def test_graph_passes_applied(built):
     ops = [n.op_type for n in m.graph]
     layers = model.config.text.num_hidden_layers
     assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
+    fused = [tuple(p.split(".")[-3] for p in k.split("+"))
+             for k in m.graph.initializers if "+" in k and k.endswith(".T")]
+    assert sorted(fused) == ([("gate_proj", "up_proj")] * layers
+                             + [("q_proj", "k_proj", "v_proj")] * layers)
+    assert ops.count("Split") == 2 * layers
     vocab, hidden = model.language_model.embed_tokens.weight.shape
     (emb,) = [v for v in m.graph.initializers.values() if list(v.shape) == [1, hidden, vocab]]
     assert sorted(n.op_type for n, _ in emb.uses()) == ["Gather", "MatMul"]

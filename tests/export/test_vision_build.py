@@ -253,3 +253,91 @@ def test_4b_vision_only_random_build(tmp_path):
     rep = verify(out)
     assert rep.ok, rep.format()
     assert rep.vision_shape == [1, 256, 2560]
+
+
+# --- the native TensorRT translation with images, run by ONNX Runtime (issue 7) ----------------
+
+class _NativeFileSession:
+    """The native text graph (opset-24 Attention + TensorScatter) on ONNX Runtime's CPU, its caches
+    fed back as separate arrays (the in-place write is TensorRT's KV-cache-update layer's job; ORT
+    checks the numbers), with the runtime's chunk rule for this translation (chunk_align)."""
+
+    def __init__(self, path, io, config, max_context: int):
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.io, self.config, self.max_context, self.batch = io, config, max_context, 1
+        self.prefill_chunk = None
+        self.chunk_align = config.text.sliding_window
+        self.reset()
+
+    def reset(self):
+        self.caches = {t.name: np.zeros([1, *t.shape[1:]], np.float32)
+                       for t in self.io.inputs if t.name.startswith("past_")}
+
+    def forward(self, ids, start_pos, image_features=None):
+        from g3export.export.onnx_native_attention import check_chunk
+
+        for t in self.io.inputs:
+            if t.name.startswith("past_"):
+                check_chunk(start_pos, ids.shape[1], t.shape[2])
+        feats = (np.zeros((1, self.config.text.hidden_size), np.float32)
+                 if image_features is None else image_features)
+        outs = self.sess.run(None, {"input_ids": ids.astype(np.int64),
+                                    "start_pos": np.array([start_pos], np.int64),
+                                    "image_features": feats.astype(np.float32), **self.caches})
+        for o, value in zip(self.sess.get_outputs(), outs):
+            if o.name.startswith("present_"):
+                self.caches[o.name.replace("present_", "past_")] = value
+        return outs[0][:, -1]
+
+
+def _aligned_prompt(n_images: int) -> torch.Tensor:
+    """Images placed so that none crosses a multiple of the window (8): the native translation's
+    chunks never do, and an image is never split. 30+ tokens: past the window."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 500, (3,), generator=g).tolist()
+    for i in range(n_images):
+        ids += [mm.BOI] + [IMG] * MM + [mm.EOI]          # images at [4, 8) and [16, 20)
+        ids += torch.randint(3, 500, (6 if i + 1 < n_images else 20,), generator=g).tolist()
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_native_translation_with_images_on_ort(models, pixels, tmp_path, n_images):
+    """The text graph of the native translation, exported with image features, gives HF's greedy
+    tokens (prefill in window-aligned chunks of at most 5 and 8 tokens, then decode past the
+    window)."""
+    import onnx_ir as ir
+
+    from g3export.export import onnx_export as oe
+    from g3export.export import onnx_native_attention as native
+    from g3export.export import translations
+
+    hf, _, ckpt, _ = models
+    tr = translations.get("native")
+    max_context = 64
+    io = oe.export_text(build_model(checkpoint=ckpt), tmp_path / "raw", max_context, images=True,
+                        progress=False, translation_table=tr.table, opset=tr.opset)
+    m = ir.load(tmp_path / "raw" / "text.onnx")
+    native.finalize(m)
+    attention = [n for n in m.graph if n.op_type == "Attention"]
+    assert len(attention) == TINY.text.num_hidden_layers
+    assert all(len(n.outputs) == 1 for n in attention)
+    assert "TensorScatter" in {n.op_type for n in m.graph}
+    assert "RotaryEmbedding" not in {n.op_type for n in m.graph}  # standard ONNX only
+    oe.save_with_external_data(m, tmp_path / "text.onnx", progress=False)
+    sess = _NativeFileSession(tmp_path / "text.onnx", io, TINY, max_context)
+
+    pv = pixels[:n_images]
+    ids = _aligned_prompt(n_images)
+    with torch.no_grad():
+        feats = mm._hf_features(hf, pv).numpy()
+        out = hf.generate(input_ids=ids, pixel_values=pv, token_type_ids=(ids == IMG).long(),
+                          max_new_tokens=DECODE, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    hf_tokens = out[0, ids.shape[1]:].tolist()
+    for chunk in (5, 8):
+        r = generate(sess, ids[0].tolist(), DECODE, stop_ids=[], chunk_size=chunk,
+                     image_features=feats)
+        assert r.token_ids == hf_tokens, f"chunk_size {chunk}"
