@@ -36,11 +36,14 @@ Graph details that matter for memory and speed (the passes run in this order aft
   nothing to fold and no weight is transposed at session start.
 * `_fuse_rms_norm`: Gemma's RMSNorm (7 nodes) -> SimplifiedLayerNormalization.
 * For the ONNX Runtime translation only (the TensorRT graphs keep standard ONNX):
-  `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding, and
+  `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding,
   `_fuse_sibling_matmuls` makes q/k/v and gate/up one MatMul each on weights concatenated along
-  N (initializer named "a.T+b.T+...", which verify splits back), followed by a Split.
-  With these the 270M's decode step is ~920 ORT kernels instead of ~1170; measured side by side
-  on 2 vCPUs, decode went from 0.91-0.95x to 1.06-1.22x ONNX Runtime GenAI's (BENCHMARKS.md).
+  N (initializer named "a.T+b.T+...", which verify splits back), followed by a Split, and
+  `_fuse_skip_norm` folds each residual Add into the following norm
+  (com.microsoft.SkipSimplifiedLayerNormalization). With these and the attention translation's
+  shared additive mask, the 270M's decode step is ~880 ORT kernels instead of ~1170, and
+  measured side by side on 2 vCPUs its decode went from 0.91-1.02x to 1.09-1.22x ONNX Runtime
+  GenAI's (BENCHMARKS.md section 1).
 * The onnxscript optimizer is NOT run: on the tiny model it adds ~16 s to the export, and all it
   does that matters here is done by the passes above; ORT applies its own graph optimizations
   (ORT_ENABLE_ALL) at session start. The passes are hand-written on onnx_ir because each is a
@@ -223,6 +226,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     if translation_table is None or translation_table is TRANSLATION_TABLE:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
         _fuse_sibling_matmuls(m)
+        _fuse_skip_norm(m)
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)
@@ -429,6 +433,36 @@ def _fuse_sibling_matmuls(m: ir.Model) -> int:
             g.initializers.pop(w.name)
         removed += len(group) - 1
     return removed
+
+
+def _fuse_skip_norm(m: ir.Model) -> int:
+    """s = x + y; SimplifiedLayerNormalization(s, w)  ->  com.microsoft.SkipSimplifiedLayerNormalization
+    (x, y, w), whose 4th output is s (still read by the next residual Add). Gemma's residual adds
+    are each followed by the next norm: two per layer, one ORT kernel fewer each. Returns the
+    number fused."""
+    g = m.graph
+    fused = 0
+    for add in [n for n in g if n.op_type == "Add"]:
+        s = add.outputs[0]
+        norms = [u for u, i in s.uses() if u.op_type == "SimplifiedLayerNormalization" and i == 0]
+        x, y = add.inputs
+        if len(norms) != 1 or s.is_graph_output() or x.shape is None or y.shape is None \
+                or len(x.shape) != 3 or list(x.shape) != list(y.shape):
+            continue
+        norm = norms[0]
+        eps = norm.attributes.get("epsilon")
+        fusedn = ir.node("SkipSimplifiedLayerNormalization", [x, y, norm.inputs[1]],
+                         attributes={"epsilon": eps.value if eps is not None else 1e-5},
+                         domain="com.microsoft", num_outputs=4)
+        g.insert_before(norm, fusedn)  # after x, y and the gamma are computed
+        _take_over(norm.outputs[0], fusedn.outputs[0])
+        _take_over(s, fusedn.outputs[3])
+        g.remove(norm, safe=True)
+        g.remove(add, safe=True)
+        fused += 1
+    if fused:
+        m.opset_imports["com.microsoft"] = 1
+    return fused
 
 
 def _single_use(v: ir.Value, op_type: str) -> ir.Node | None:

@@ -126,8 +126,8 @@ def test_embedding_stored_once(built):
 def test_graph_passes_applied(built):
     """The exporter's rewrites for ONNX Runtime took effect on this graph (parity is checked by
     the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, q/k/v and
-    gate/up each one MatMul on concatenated weights, and the tied embedding read by a Gather and
-    a MatMul on the same [1, hidden, vocab] initializer."""
+    gate/up each one MatMul on concatenated weights, residual Adds fused into the next norm, and
+    the tied embedding read by a Gather and a MatMul on the same [1, hidden, vocab] initializer."""
     import onnx_ir as ir
 
     out, model = built
@@ -140,6 +140,8 @@ def test_graph_passes_applied(built):
     assert sorted(fused) == ([("gate_proj", "up_proj")] * layers
                              + [("q_proj", "k_proj", "v_proj")] * layers)
     assert ops.count("Split") == 2 * layers
+    # every residual Add but the last (which feeds the last-position Slice) fused into the norm
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
     vocab, hidden = model.language_model.embed_tokens.weight.shape
     (emb,) = [v for v in m.graph.initializers.values() if list(v.shape) == [1, hidden, vocab]]
     assert sorted(n.op_type for n, _ in emb.uses()) == ["Gather", "MatMul"]
