@@ -188,9 +188,15 @@ class Gemma3Model(nn.Module):
         x = self.language_model.embed_tokens(input_ids)
         if image_features is not None:
             # Image soft tokens take the features in order of appearance, unscaled (GEMMA3_SPEC §1a).
+            # Indexing the [M, hidden] features with a [B, T] index gives [B, T, hidden] directly,
+            # with no Reshape of float data in the graph: the earlier form,
+            # feats.reshape(-1, hidden)[flat_idx].reshape(x.shape), made TensorRT-RTX 1.7's Myelin
+            # fail on the native translation ("CHECK(is_const()) failed", tiny multimodal).
+            if image_features.dim() != 2:  # [N, mm_tokens, hidden] from an eager caller
+                image_features = image_features.reshape(-1, x.shape[-1])
             is_img = input_ids == self.config.image_token_id
             idx = (torch.cumsum(is_img.reshape(-1).to(torch.int64), 0) - 1).clamp(min=0)
-            feats = image_features.reshape(-1, x.shape[-1]).to(x.dtype)[idx].reshape(x.shape)
+            feats = image_features.to(x.dtype)[idx.reshape(input_ids.shape)]
             x = torch.where(is_img[..., None], feats, x)
         return x
 

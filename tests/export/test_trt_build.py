@@ -232,9 +232,11 @@ def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
     assert e["bytes"] > 100 << 20
 
 
-def test_multimodal_plugin_build(tmp_path):
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_multimodal_build(tmp_path, attention):
     """A tiny Gemma3ForConditionalGeneration: the text component (taking image features) becomes a
-    TensorRT-RTX engine with the plugin; the vision component stays ONNX (run by ONNX Runtime)."""
+    TensorRT-RTX engine with either translation; the vision component stays ONNX (run by ONNX
+    Runtime)."""
     import torch
     import transformers
 
@@ -244,7 +246,7 @@ def test_multimodal_plugin_build(tmp_path):
     torch.manual_seed(0)
     ck = tmp_path / "tiny-mm"
     transformers.Gemma3ForConditionalGeneration(_hf_config()).eval().save_pretrained(ck)
-    proc = _cli("build", "--checkpoint", str(ck), "--target", "trt-rtx", "--attention", "plugin",
+    proc = _cli("build", "--checkpoint", str(ck), "--target", "trt-rtx", "--attention", attention,
                 "--max-context", "64", "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = load_build(tmp_path / "b")
