@@ -21,13 +21,13 @@ What the emitted subgraph does (one per layer):
   benchmarks/compare_ort_genai.py with two builds side by side), for a prefill gain within noise.
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
   scores (L = start on full layers, S on sliding ones), built once per graph for each layer kind
-  and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8%
-  of a 512-token prefill on ORT's CPU: its broadcasting kernel is much slower than `Add`'s. What the bias encodes: full layers see the
-  whole prefix (it precedes the chunk); a sliding layer's slot s holds position
-  p_s = start-1 - ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e. Python's sign rule),
-  visible iff p_s >= 0 and p_s > pos_q - W. The chunk's own keys get the causal mask, OR'ed
-  with the same-image block mask from image_groups, AND'ed with the window on sliding layers. Every query
-  sees at least itself, so no row is all -inf.
+  and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
+  a 512-token prefill on ORT's CPU: its broadcasting kernel is much slower than `Add`'s. What
+  the bias encodes: full layers see the whole prefix (it precedes the chunk); a sliding layer's
+  slot s holds position p_s = start-1 - ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e.
+  Python's sign rule), visible iff p_s >= 0 and p_s > pos_q - W. The chunk's own keys get the
+  causal mask, OR'ed with the same-image block mask from image_groups, AND'ed with the window on
+  sliding layers. Every query sees at least itself, so no row is all -inf.
 * The write: the last n = min(T, S) rows of k/v go to slots (pos mod S) with `ScatterND`
   (indices [B,KV,n,3] = (b, kv, slot)). ScatterND rather than ScatterElements: its indices are
   per row, not per element (n*3 instead of n*D integers), it exists from opset 11 (no opset 24
@@ -38,10 +38,10 @@ Ordering of read and write. The runtime binds the same buffer to past_key_i (inp
 present_key_i (output), so the ScatterND writes into the memory the attention reads. Every read
 must therefore run before the write. The graph enforces it by data dependency: the end of the
 `updates` slice fed to ScatterND is taken from `Shape` of this layer's attention product
-[B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be scheduled before the
-attention has consumed the old cache. The shape is symbolic (T is dynamic), so neither the
-exporter's nor ORT's constant folding can remove it, and the G*T dim is a computed one, so
-shape-merging passes cannot rewire it to q's Shape either.
+[B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be
+scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
+so neither the exporter's nor ORT's constant folding can remove it, and the G*T dim is a
+computed one, so shape-merging passes cannot rewire it to q's Shape either.
 `tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
 actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL), and the chunked-prefill
 parity tests would fail if a ring slot were overwritten before it was read.

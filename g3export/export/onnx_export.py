@@ -302,15 +302,16 @@ def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
         Gather(E, ids)          -> Squeeze(Transpose(Gather(E^T, ids, axis=2), [2, 3, 1, 0]), 3)
         MatMul(x, Transpose(E)) -> Reshape(MatMul(Reshape(x, [1, -1, hidden]), E^T), [..., vocab])
 
-    Why this layout (measured on ONNX Runtime 1.32's CPU, 2 threads, 270M: benchmarks/lm_head.py):
-    a 2-D constant MatMul/Gemm weight is pre-packed by MLAS at session start, and for one row
-    (decode) the packed GEMM streams the 671 MB lm_head slower than MLAS's unpacked single-row
-    kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D weights): 24.2 vs 28.6 ms
-    median. The lm_head is the largest read of a 270M decode step. The other Linear weights stay
-    2-D: for their sizes (0.6-5 MB) the packed path measured faster, at one row and at 512. x is flattened to [1, B*T, hidden] so a batch
-    reads the weight once. The lookup gathers `hidden` strided elements per token (cheap).
-    torch.onnx's own form, MatMul(x, Transpose(E)), would make ORT's constant folding store a
-    second, transposed copy of the embedding (1 GiB at 12B bf16).
+    Why this layout (measured on ONNX Runtime 1.32's CPU, 2 threads, 270M:
+    benchmarks/lm_head.py): a 2-D constant MatMul/Gemm weight is pre-packed by MLAS at session
+    start, and for one row (decode) the packed GEMM streams the 671 MB lm_head slower than
+    MLAS's unpacked single-row kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D
+    weights): 24.2 vs 28.6 ms median. The lm_head is the largest read of a 270M decode step. The
+    other Linear weights stay 2-D: for their sizes (0.6-5 MB) the packed path measured faster,
+    at one row and at 512. x is flattened to [1, B*T, hidden] so a batch reads the weight once.
+    The lookup gathers `hidden` strided elements per token (cheap). torch.onnx's own form,
+    MatMul(x, Transpose(E)), would make ORT's constant folding store a second, transposed copy
+    of the embedding (1 GiB at 12B bf16).
     """
     e = _find_initializer(m, embed)
     vocab, hidden = embed.shape
@@ -360,8 +361,8 @@ def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
             n_head += 1
         g.remove(node, safe=True)
     if (n_lookup, n_head) != (1, 1):
-        raise RuntimeError(f"expected one embedding lookup and one lm_head MatMul on the embedding, "
-                           f"rewrote {n_lookup} and {n_head}")
+        raise RuntimeError(f"expected one embedding lookup and one lm_head MatMul on the "
+                           f"embedding, rewrote {n_lookup} and {n_head}")
     g.initializers.pop(e.name)
 
 
@@ -436,10 +437,10 @@ def _fuse_sibling_matmuls(m: ir.Model) -> int:
 
 
 def _fuse_skip_norm(m: ir.Model) -> int:
-    """s = x + y; SimplifiedLayerNormalization(s, w)  ->  com.microsoft.SkipSimplifiedLayerNormalization
-    (x, y, w), whose 4th output is s (still read by the next residual Add). Gemma's residual adds
-    are each followed by the next norm: two per layer, one ORT kernel fewer each. Returns the
-    number fused."""
+    """s = x + y; SimplifiedLayerNormalization(s, w) -> com.microsoft.SkipSimplifiedLayer
+    Normalization(x, y, w), whose 4th output is s (still read by the next residual Add).
+    Gemma's residual adds are each followed by the next norm: two per layer, one ORT kernel
+    fewer each. Returns the number fused."""
     g = m.graph
     fused = 0
     for add in [n for n in g if n.op_type == "Add"]:
