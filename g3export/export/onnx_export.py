@@ -55,6 +55,7 @@ Graph details that matter for memory and speed (the passes run in this order aft
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,18 @@ def _check_io(m: ir.Model, io: ComponentIO) -> None:
 # Graph passes
 
 
+def _add_initializer(g: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register `tensor` (concrete or lazy) as an initializer named like it; return its Value."""
+    v = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(tensor.shape),
+                 type=ir.TensorType(tensor.dtype))
+    g.register_initializer(v)
+    return v
+
+
+def _int64_initializer(g: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    return _add_initializer(g, ir.tensor(np.asarray(values, dtype=np.int64), name=name))
+
+
 def _find_initializer(m: ir.Model, tensor: torch.Tensor) -> ir.Value:
     for v in m.graph.initializers.values():
         cv = v.const_value
@@ -320,15 +333,8 @@ def _tie_lm_head(m: ir.Model, embed: torch.Tensor) -> None:
     name = e.name + ".T"
     lazy = ir.LazyTensor(lambda: ir.tensor(raw.detach().t().contiguous().unsqueeze(0)),
                          dtype=e.const_value.dtype, shape=ir.Shape([1, hidden, vocab]), name=name)
-    et = ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
-    g.register_initializer(et)
-
-    def const(name, vals):
-        t = ir.tensor(torch.tensor(vals, dtype=torch.int64), name=name)
-        v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape),
-                     type=ir.TensorType(ir.DataType.INT64))
-        g.register_initializer(v)
-        return v
+    et = _add_initializer(g, lazy)
+    const = functools.partial(_int64_initializer, g)
 
     n_lookup = n_head = 0
     for node, idx in list(e.uses()):
@@ -384,8 +390,7 @@ def _fold_weight_transposes(m: ir.Model) -> None:
         name = v.name + ".T"
         lazy = ir.LazyTensor(_transposer(raw), dtype=v.const_value.dtype,
                              shape=ir.Shape([raw.shape[1], raw.shape[0]]), name=name)
-        nv = ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
-        g.register_initializer(nv)
+        nv = _add_initializer(g, lazy)
         ir.convenience.replace_all_uses_with(out, nv)
         g.remove(tr, safe=True)
         g.initializers.pop(v.name)
@@ -418,12 +423,8 @@ def _fuse_sibling_matmuls(m: ir.Model) -> int:
         lazy = ir.LazyTensor(lambda parts=parts: ir.tensor(
             np.concatenate([p.numpy() for p in parts], axis=1)), dtype=parts[0].dtype,
             shape=ir.Shape([weights[0].shape[0], sum(widths)]), name=name)
-        fw = ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
-        g.register_initializer(fw)
-        split_t = ir.tensor(np.array(widths, dtype=np.int64), name=name + "_split")
-        split_v = ir.Value(name=split_t.name, const_value=split_t, shape=ir.Shape(split_t.shape),
-                           type=ir.TensorType(ir.DataType.INT64))
-        g.register_initializer(split_v)
+        fw = _add_initializer(g, lazy)
+        split_v = _int64_initializer(g, name + "_split", widths)
         mm = ir.node("MatMul", [x, fw])
         sp = ir.node("Split", [mm.outputs[0], split_v], attributes={"axis": -1},
                      num_outputs=len(group))
@@ -557,13 +558,7 @@ def _fuse_rotary(m: ir.Model) -> int:
     g = m.graph
     halves: dict[int, ir.Value] = {}
     zero: list[ir.Value] = []
-
-    def const(name, vals):
-        t = ir.tensor(torch.tensor(vals, dtype=torch.int64), name=name)
-        v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape),
-                     type=ir.TensorType(ir.DataType.INT64))
-        g.register_initializer(v)
-        return v
+    const = functools.partial(_int64_initializer, g)
 
     def first_half(v: ir.Value, half: int) -> ir.Value:
         if id(v) not in halves:  # one Slice per cos/sin table, shared by the layers
