@@ -17,12 +17,13 @@ What the emitted subgraph does (one per layer):
   runtime start), so decode cost grows with the used context, not with max_context. Sliding
   layers read their whole W-slot ring, masked: slicing it to its filled slots would spare the
   first prefill chunk its products with empty slots, but ORT's CPU `Slice` copies, and copying
-  every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs,
-  benchmarks/compare_ort_genai.py with two builds side by side), for a prefill gain within noise.
+  every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs, one run of
+  benchmarks/compare_ort_genai.py with two builds side by side; the sliced variant was a
+  temporary switch, not kept in the code), for a prefill gain within noise.
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
   scores (L = start on full layers, S on sliding ones), built once per graph for each layer kind
   and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
-  a 512-token prefill on ORT's CPU: its broadcasting kernel is much slower than `Add`'s. What
+  a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its broadcasting kernel is much slower than `Add`'s. What
   the bias encodes: full layers see the whole prefix (it precedes the chunk); a sliding layer's
   slot s holds position p_s = start-1 - ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e.
   Python's sign rule), visible iff p_s >= 0 and p_s > pos_q - W. The chunk's own keys get the
