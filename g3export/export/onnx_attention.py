@@ -23,12 +23,13 @@ What the emitted subgraph does (one per layer):
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
   scores (L = start on full layers, S on sliding ones), built once per graph for each layer kind
   and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
-  a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its broadcasting kernel is much slower than `Add`'s. What
-  the bias encodes: full layers see the whole prefix (it precedes the chunk); a sliding layer's
-  slot s holds position p_s = start-1 - ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e.
-  Python's sign rule), visible iff p_s >= 0 and p_s > pos_q - W. The chunk's own keys get the
-  causal mask, OR'ed with the same-image block mask from image_groups, AND'ed with the window on
-  sliding layers. Every query sees at least itself, so no row is all -inf.
+  a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its
+  broadcasting kernel is much slower than `Add`'s. What the bias encodes: full layers see the
+  whole prefix (it precedes the chunk); a sliding layer's slot s holds position p_s = start-1 -
+  ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e. Python's sign rule), visible iff p_s >=
+  0 and p_s > pos_q - W. The chunk's own keys get the causal mask, OR'ed with the same-image
+  block mask from image_groups, AND'ed with the window on sliding layers. Every query sees at
+  least itself, so no row is all -inf.
 * The write: the last n = min(T, S) rows of k/v go to slots (pos mod S) with `ScatterND`
   (indices [B,KV,n,3] = (b, kv, slot)). ScatterND rather than ScatterElements: its indices are
   per row, not per element (n*3 instead of n*D integers), it exists from opset 11 (no opset 24
