@@ -46,6 +46,7 @@ from typing import Any
 
 from ..modeling.cache import kv_layout
 from ..modeling.config import ModelConfig
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,7 +54,7 @@ TARGETS = ("onnx", "trt", "trt-rtx")
 _PARTIAL = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+$")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A build directory that cannot be used (or written); the message says what to do."""
 
 

@@ -24,13 +24,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from ..errors import UserError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot describe a Gemma 3 model; the message says which field and why."""
 
 

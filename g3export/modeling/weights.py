@@ -49,6 +49,7 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, config_from_hf, load_hf_config, preset
 from .text import Gemma3Model, RMSNorm, RotaryEmbedding
+from ..errors import UserError
 
 HF = "hf"
 GGUF = "gguf"
@@ -57,7 +58,7 @@ _LM_HEAD = "<lm_head>"  # marker: a tied output head in the checkpoint, checked 
 _EMBED = "language_model.embed_tokens.weight"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
 
 

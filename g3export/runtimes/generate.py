@@ -19,9 +19,10 @@ import numpy as np
 
 from .sampling import Sampler, SamplingConfig
 from .session import Session
+from ..errors import UserError
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """Bad input to generation (prompt too long, ids out of range, ...); the message says what to do."""
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from ..errors import UserError
 
 # The formats we accept, as Pillow names them (Image.format), and how users know them.
 SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}
@@ -51,7 +52,7 @@ PAN_AND_SCAN_MAX_NUM_CROPS = 4
 PAN_AND_SCAN_MIN_RATIO_TO_ACTIVATE = 1.2
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be used; the message says which file, what is wrong and what to do."""
 
 

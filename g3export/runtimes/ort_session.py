@@ -41,12 +41,13 @@ from ..export.build import BuildError
 from ..modeling.cache import kv_layout
 from ..modeling.config import ModelConfig
 from .session import Session
+from ..errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
-class ProviderError(RuntimeError):
+class ProviderError(UserError, RuntimeError):
     """The requested execution provider is not available in this onnxruntime."""
 
 

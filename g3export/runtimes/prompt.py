@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..modeling.config import ModelConfig
+from ..errors import UserError
 
 BOI = "<start_of_image>"
 EOI = "<end_of_image>"
@@ -44,7 +45,7 @@ PAN_AND_SCAN_PREFIX = "Here is the original image "
 PAN_AND_SCAN_MIDDLE = " and here are some crops to help you see better "
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that cannot be built or used as given; the message says what to change."""
 
 

@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Sequence
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
+from ..errors import UserError
 
 BOS, EOS, UNK = "<bos>", "<eos>", "<unk>"
 START_OF_TURN, END_OF_TURN, START_OF_IMAGE = "<start_of_turn>", "<end_of_turn>", "<start_of_image>"
@@ -39,7 +40,7 @@ START_OF_TURN, END_OF_TURN, START_OF_IMAGE = "<start_of_turn>", "<end_of_turn>",
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """No usable tokenizer at a path; the message says what was looked for."""
 
 

@@ -1,0 +1,16 @@
+"""The one base class of every error a user can cause (DESIGN §3; issue: bad input gets a clear
+error). Anything raised as a `UserError` is bad input, not a bug: its message says what was wrong
+and what to do, in one line, and the CLI prints exactly that and exits non-zero (no traceback;
+`g3export --debug ...` shows one). Every module's own error type (ConfigError, CheckpointError,
+BuildError, ...) derives from it, so callers catch one type.
+
+Errors from libraries we hand user files to (ONNX Runtime, TensorRT, safetensors, gguf, Pillow)
+are wrapped where they arise, naming the file, and re-raised as the module's `UserError`
+subclass (`raise XError(f"{path}: ...") from e`).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (a file, an option, a request): the message says what and what to do."""
