@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import click
 
+from .dtypes import NAMES as DTYPE_NAMES
+from .export.manifest import TARGETS
+from .export.trt import RTX_COMPUTE_CAPABILITIES
+from .modeling.cache import DEFAULT_PREFILL_CHUNK
 from .modeling.config import PRESETS
 
 
@@ -29,8 +31,7 @@ def _user_errors():
     from .modeling.config import ConfigError
     from .runtimes.generate import GenerationError
 
-    from .export.build import BuildError
-    from .modeling.weights import CheckpointError
+    from .errors import BuildError, CheckpointError
     from .runtimes.images import ImageError
     from .runtimes.prompt import PromptError
     from .runtimes.tokenizer import TokenizerError
@@ -64,29 +65,16 @@ def main() -> None:
 # model / prompt helpers shared by run, build, bench
 
 def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
-    from .modeling.weights import build_model
-    import torch
+    from .api import load_model
 
-    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    source = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
-    click.echo(f"loading {source} weights ({dtype}) ...", err=True)
-    return build_model(size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
-                       all_logits=all_logits)
+    return load_model(size, checkpoint, weights, dtype, all_logits)
 
 
 def _tokenizer_for(size, checkpoint, weights):
     """The tokenizer of a checkpoint, of the embedded 270M, or None (ids only)."""
-    from .runtimes.tokenizer import Tokenizer, TokenizerError
+    from .api import tokenizer_for
 
-    if checkpoint:
-        try:
-            return Tokenizer.from_checkpoint(checkpoint)
-        except TokenizerError:
-            return None  # a checkpoint without a tokenizer: --prompt-ids still works
-    if size and size.lower() == "270m" and weights != "random":
-        from .modeling.embedded import embedded_gguf_path
-        return Tokenizer.from_checkpoint(embedded_gguf_path())
-    return None
+    return tokenizer_for(size, checkpoint, weights)
 
 
 def _prompt_ids(tokenizer, prompt, prompt_ids, chat_template, config, crops_per_image=()):
@@ -122,7 +110,7 @@ def _sampling(greedy, temperature, top_k, top_p, seed):
 
 
 def _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_json,
-                        image_features=None, chunk_size=512):
+                        image_features=None, chunk_size=DEFAULT_PREFILL_CHUNK):
     from .runtimes.generate import generate
 
     stream = None
@@ -237,8 +225,8 @@ def _images(cfg, images, pan_and_scan):
 @main.command()
 @click.option("--size", type=SIZE, default=None)
 @click.option("--checkpoint", type=click.Path(), default=None, help="A HF directory or a .gguf file.")
-@click.option("--target", type=click.Choice(["onnx", "trt", "trt-rtx"]), default="onnx", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+@click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Default: fp32 for onnx, bf16 for trt.")
 @click.option("--max-context", type=click.IntRange(1), default=None,
               help="KV-cache length (default: min(model maximum, 8192)).")
@@ -251,7 +239,7 @@ def _images(cfg, images, pan_and_scan):
               help="trt/trt-rtx: attention as one TensorRT plugin node per layer (default) or as "
                    "standard ONNX Attention + TensorScatter (TensorRT's native layers).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
-              type=click.Choice(["8.0", "8.6", "8.9", "12.0", "12.1"]),
+              type=click.Choice(list(RTX_COMPUTE_CAPABILITIES)),
               help="trt-rtx: GPU architectures the engine targets (repeatable; default: the "
                    "library's). Not 9.0: TensorRT-RTX does not target H100/H200.")
 @click.option("--prefill-chunk", type=click.IntRange(1), default=None,
@@ -268,55 +256,17 @@ def _images(cfg, images, pan_and_scan):
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
           components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
-    if size is None and checkpoint is None:
-        raise click.UsageError("give --size or --checkpoint (both: they must match)")
-    if target != "onnx":
-        from .export.trt import require_tensorrt  # says what to install, before any work
-        require_tensorrt(target)
-    dtype = dtype or ("fp32" if target == "onnx" else "bf16")
-    trt_options = None
-    if target == "onnx":
-        if attention or compute_capabilities or prefill_chunk or timing_cache or max_batch != 1:
-            raise click.UsageError("--attention/--compute-capability/--prefill-chunk/--max-batch/"
-                                   "--timing-cache are options of --target trt and trt-rtx")
-    else:
-        trt_options = {"attention": attention or "plugin", "prefill_chunk": prefill_chunk,
-                       "max_batch": max_batch,
-                       "compute_capabilities": list(compute_capabilities) or None,
-                       "timing_cache": timing_cache}
-        if dtype == "fp16":
-            from .export.trt import FP16_NOTE
-            click.echo(f"warning: {FP16_NOTE}", err=True)
-    from .export.build import build as do_build
-    from .modeling.config import preset
+    from .api import OptionError, build as do_build
 
-    # Check cheap things before loading weights.
-    if size and max_context and max_context > preset(size).text.max_position_embeddings:
-        raise click.UsageError(f"--max-context {max_context} is beyond {size}'s "
-                               f"{preset(size).text.max_position_embeddings}")
     comps = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
-    if comps == ("vision",) and weights == "random" and size and not checkpoint:
-        import torch
-        from .export.onnx_vision import vision_only_model
-
-        model = vision_only_model(size, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                               "bf16": torch.bfloat16}[dtype])
-    else:
-        model = _load_model(size, checkpoint, weights, dtype, all_logits)
-    cfg = model.config
-    if max_context and max_context > cfg.text.max_position_embeddings:
-        raise click.UsageError(f"--max-context {max_context} is beyond the model's "
-                               f"{cfg.text.max_position_embeddings}")
-    ctx = max_context or min(cfg.text.max_position_embeddings, 8192)
-    tokenizer = _tokenizer_for(size, checkpoint, weights)
-    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_file = None
-        if tokenizer is not None:  # from tokenizer.json, tokenizer.model or GGUF metadata
-            tok_file = Path(tmp) / "tokenizer.json"
-            tok_file.write_text(tokenizer.to_json())
-        path = do_build(model, tok_file, out, target=target, dtype=dtype, max_context=ctx,
-                        force=force, trt_options=trt_options, components=comps)
+    try:
+        path = do_build(size, checkpoint, target=target, dtype=dtype, max_context=max_context,
+                        weights=weights, out=out, force=force, all_logits=all_logits,
+                        components=comps, attention=attention,
+                        compute_capabilities=compute_capabilities, prefill_chunk=prefill_chunk,
+                        max_batch=max_batch, timing_cache=timing_cache)
+    except OptionError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(f"built {path}")
 
 
@@ -326,32 +276,33 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
 @friendly
 def inspect(build_dir, as_json):
     """Components, I/O, dtypes and the KV layout of a build directory."""
-    from .export.build import load_build
+    from .export.manifest import load_build
 
-    b = load_build(build_dir)
+    b = load_build(build_dir)  # the same checks as every runtime makes
     m = b.manifest
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        click.echo(json.dumps(m.to_dict(), indent=2))
         return
-    click.echo(f"{build_dir}: {m['model']['name']}  target={m['target']}  dtype={m['dtype']}  "
-               f"max_context={m['max_context']}  format={m['format_version']}")
-    for name, comp in m["components"].items():
-        click.echo(f"component {name}: {comp.get('file', '')}")
-        for io in comp["inputs"]:
-            click.echo(f"  in   {io['name']:<20} {io['dtype']:<8} {io['shape']}")
-        for io in comp["outputs"]:
-            alias = f"  (in place of {io['aliases']})" if io.get("aliases") else ""
-            click.echo(f"  out  {io['name']:<20} {io['dtype']:<8} {io['shape']}{alias}")
-    kv = m["kv_layout"]
-    click.echo(f"KV cache: {kv['bytes'] / 2**20:.1f} MiB for batch {kv['batch']}")
-    for lc in kv["layers"]:
-        click.echo(f"  layer {lc['layer']:>3} {lc['layer_type']:<18} slots={lc['slots']:<7} shape={lc['shape']}")
+    click.echo(f"{build_dir}: {m.model.name}  target={m.target}  dtype={m.dtype}  "
+               f"max_context={m.max_context}  format={m.format_version}")
+    for name, comp in m.components.items():
+        click.echo(f"component {name}: {comp.file}")
+        for io in comp.inputs:
+            click.echo(f"  in   {io.name:<20} {io.dtype:<8} {list(io.shape)}")
+        for io in comp.outputs:
+            alias = f"  (in place of {io.aliases})" if io.aliases else ""
+            click.echo(f"  out  {io.name:<20} {io.dtype:<8} {list(io.shape)}{alias}")
+    kv = b.kv_layout()
+    click.echo(f"KV cache: {kv.bytes / 2**20:.1f} MiB for batch {kv.batch}")
+    for lc in kv.layers:
+        click.echo(f"  layer {lc.layer:>3} {lc.layer_type:<18} slots={lc.slots:<7} "
+                   f"shape={list(lc.shape)}")
 
 
 @main.command()
 @click.option("--size", type=SIZE, required=True)
 @click.option("--max-context", type=click.IntRange(1), default=None, help="Default: the model's maximum.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bf16", show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(), default=None, help="Write a PNG of KV bytes against context.")
@@ -393,7 +344,7 @@ def bench(build_dir, prompt_len, new_tokens, provider, repeat, as_json):
 @friendly
 def verify(build_dir, provider, as_json):
     """Run the built graphs and the PyTorch reference on the same inputs; fail beyond tolerance."""
-    from .export.verify import verify as do_verify
+    from .runtimes.verify import verify as do_verify
 
     report = do_verify(build_dir, provider=provider)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())

@@ -14,3 +14,15 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input (a file, an option, a request): the message says what and what to do."""
+
+
+# The error types that two modules share live here, so neither imports the other for them.
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do.
+    (Raised by g3export.modeling.weights and .embedded.)"""
+
+
+class BuildError(UserError, RuntimeError):
+    """A build directory that cannot be used (or written); the message says what to do.
+    (The build format's error: g3export.export.manifest, and the exporters and runtimes.)"""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .modeling.cache import DTYPE_BYTES, kv_layout
+from .dtypes import DTYPES
+from .modeling.cache import kv_layout
 from .modeling.config import SIZES, preset
 from .modeling.text import Gemma3Model
 
@@ -43,11 +44,11 @@ def plan(name: str, max_context: int | None = None, dtype: str = "bf16", batch: 
     t = cfg.text
     ctx = max_context or t.max_position_embeddings
     layout = kv_layout(t, ctx, batch, dtype)  # validates ctx against the model
-    nbytes = DTYPE_BYTES[dtype]
+    nbytes = DTYPES[dtype].bytes
     counts = param_counts(name)
     text_weight_bytes = (counts["embedding"] + counts["decoder"]) * nbytes
     kv = layout.bytes
-    kv_global = t.kv_cache_bytes(ctx, batch, nbytes, all_global=True)
+    kv_global = kv_layout(t, ctx, batch, dtype, all_global=True).bytes
     bound = {gpu: {"window_layout": batch * bw / (text_weight_bytes + kv),
                    "all_global": batch * bw / (text_weight_bytes + kv_global)}
              for gpu, bw in GPU_BANDWIDTH.items()}
@@ -97,9 +98,9 @@ def plot_kv(path: str, dtype: str = "bf16", batch: int = 1) -> None:
     for name in SIZES:
         t = preset(name).text
         ctxs = [2**k for k in range(10, 18) if 2**k <= t.max_position_embeddings]
-        nb = DTYPE_BYTES[dtype]
-        line, = ax.plot(ctxs, [t.kv_cache_bytes(c, batch, nb) / GIB for c in ctxs], label=f"{name} window layout")
-        ax.plot(ctxs, [t.kv_cache_bytes(c, batch, nb, all_global=True) / GIB for c in ctxs], "--",
+        line, = ax.plot(ctxs, [kv_layout(t, c, batch, dtype).bytes / GIB for c in ctxs],
+                        label=f"{name} window layout")
+        ax.plot(ctxs, [kv_layout(t, c, batch, dtype, all_global=True).bytes / GIB for c in ctxs], "--",
                 color=line.get_color(), label=f"{name} all global")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

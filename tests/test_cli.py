@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from g3export.cli import main
+from g3export.modeling.cache import kv_layout
 
 
 def run(*args):
@@ -91,7 +92,7 @@ def test_inspect_reports_components_and_kv_bytes(tiny_build, hf_tiny_causal):
     assert "component text" in r.output and "past_key_0" in r.output
     m = json.loads(run("inspect", str(tiny_build), "--json").output)
     # 4 sliding layers of 8 slots + 2 full layers of 64 slots, K and V, fp32
-    assert m["kv_layout"]["bytes"] == t.kv_cache_bytes(64, dtype_bytes=4) == 2 * 4 * 2 * 16 * (4 * 8 + 2 * 64)
+    assert m["kv_layout"]["bytes"] == kv_layout(t, 64).bytes == 2 * 4 * 2 * 16 * (4 * 8 + 2 * 64)
 
 
 def test_run_bench_verify_on_a_build(tiny_build, hf_tiny_causal):

@@ -1,19 +1,7 @@
-"""The build directory (DESIGN §3.5): written to a temporary sibling and renamed into place only
-when complete; a manifest that any runtime (a C++ one later) can follow; hashes checked on load.
-
-    out/
-      manifest.json      format_version, g3export version, model config, target, dtype,
-                         max_context, KV layout, components and their I/O (ComponentIO), tokenizer
-                         file name, versions of torch/onnx/onnxruntime/..., sha256+size per file
-      text.onnx          the text component (graph; weights in the .data file beside it)
-      text.onnx.data
-      vision.onnx        the vision component (models with vision; onnx_vision), + .data
-      vision.onnx.data
-      tokenizer.json     when one was given
-      text.engine        --target trt / trt-rtx only: the serialized TensorRT engine of text.onnx
-                         (which is kept, rewritten for TensorRT); the manifest's `tensorrt`
-                         section says flavour, version, compute capabilities, attention
-                         translation, plugin, profiles (g3export.export.trt.build_text_engine)
+"""Writing a build directory (DESIGN §3.5): the orchestration of one build: check the options,
+export each component into a temporary sibling directory, build the TensorRT engines (trt /
+trt-rtx), hash every file, write the manifest (g3export.export.manifest owns the format and its
+reading) and rename the directory into place only when complete.
 
 `build(..., components=("vision",))` writes only some components (default: every one the config
 has); `Build.components` lists what a directory holds.
@@ -25,168 +13,26 @@ build is complete, and removed after the rename. An interrupted build (exception
 its partial dir; a killed one leaves a `.partial-` dir without a manifest, which `load_build`
 refuses and the next `build()` into the same `<out>` removes (when its pid is gone).
 
-`load_build(dir)` refuses, with a `BuildError` whose message says what to do: a missing directory
-or manifest, a `.partial-` directory, a newer format_version, a different target, a missing file,
-or a size/sha256 mismatch.
+`load_build(dir)` (g3export.export.manifest) refuses a `.partial-` directory and anything else it
+cannot trust, with a `BuildError` whose message says what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import secrets
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..modeling.cache import kv_layout
+from ..dtypes import DTYPES
 from ..modeling.config import ModelConfig
-from ..errors import UserError
+from .manifest import (PARTIAL_DIR, COMPONENTS, TARGETS, BuildError, Manifest, TensorRTSection,
+                       hash_files, package_version)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TARGETS = ("onnx", "trt", "trt-rtx")
-_PARTIAL = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+$")
-
-
-class BuildError(UserError, RuntimeError):
-    """A build directory that cannot be used (or written); the message says what to do."""
-
-
-def _version(pkg: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _rebuild_hint(path: Path) -> str:
-    return f"rebuild it with `g3export build ... --out {path} --force`"
-
-
-def sha256_file(path: Path, bar=None, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-            if bar is not None:
-                bar.update(len(b))
-    return h.hexdigest()
-
-
-def _hash_files(root: Path, names: list[str], progress: bool, desc: str) -> dict[str, dict]:
-    from tqdm import tqdm
-
-    total = sum((root / n).stat().st_size for n in names)
-    out = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
-              leave=False) as bar:
-        for n in names:
-            p = root / n
-            out[n] = {"size": p.stat().st_size, "sha256": sha256_file(p, bar)}
-    return out
-
-
-@dataclass(frozen=True)
-class Build:
-    """A loaded (and checked) build directory."""
-
-    root: Path
-    manifest: dict[str, Any]
-    config: ModelConfig
-    target: str
-    dtype: str
-    max_context: int
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def components(self):
-        from .onnx_export import ComponentIO
-
-        return {k: ComponentIO.from_dict(v) for k, v in self.manifest["components"].items()}
-
-    def component(self, name: str):
-        comps = self.components
-        if name not in comps:
-            raise BuildError(f"{self.root} has no {name!r} component (has: {', '.join(comps)})")
-        return comps[name]
-
-    @property
-    def tokenizer(self) -> Path | None:
-        t = self.manifest.get("tokenizer")
-        return self.root / t if t else None
-
-    @property
-    def kv_layout(self) -> dict[str, Any]:
-        return self.manifest["kv_layout"]
-
-
-def load_build(build_dir: str | Path, expect_target: str | None = None,
-               check_hashes: bool = True, progress: bool = False) -> Build:
-    root = Path(build_dir)
-    m = _PARTIAL.match(root.name)
-    if m:
-        raise BuildError(f"{root} is the leftover of an interrupted build (a '.partial-' directory); "
-                         f"delete it and run the build again (`g3export build ... --out "
-                         f"{root.parent / m.group('name')}`)")
-    if not root.is_dir():
-        raise BuildError(f"build directory {root} does not exist; create it with "
-                         f"`g3export build --size SIZE --target onnx --out {root}`")
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BuildError(f"{root} has no {MANIFEST}: it is not a complete g3export build; "
-                         + _rebuild_hint(root))
-    try:
-        man = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise BuildError(f"{mpath} is not valid JSON ({e}); " + _rebuild_hint(root)) from None
-    fv = man.get("format_version")
-    if not isinstance(fv, int):
-        raise BuildError(f"{mpath} has no integer format_version; " + _rebuild_hint(root))
-    if fv > FORMAT_VERSION:
-        raise BuildError(f"{root} was written in build format {fv} by g3export "
-                         f"{man.get('g3export_version')}; this g3export "
-                         f"({_version('g3export')}) reads format {FORMAT_VERSION} at most: upgrade "
-                         f"g3export, or " + _rebuild_hint(root))
-    target = man.get("target")
-    if expect_target is not None and target != expect_target:
-        raise BuildError(f"{root} is a '{target}' build but this runtime needs target "
-                         f"'{expect_target}': rebuild with `g3export build ... --target "
-                         f"{expect_target} --out DIR`, or run it with the '{target}' runtime")
-    files = man.get("files") or {}
-    for name, meta in files.items():
-        p = root / name
-        if not p.is_file():
-            raise BuildError(f"{root} is missing {name} (listed in its manifest); "
-                             + _rebuild_hint(root))
-        if p.stat().st_size != meta["size"]:
-            raise BuildError(f"{root / name} has {p.stat().st_size} bytes, the manifest says "
-                             f"{meta['size']}: the file was altered or truncated; "
-                             + _rebuild_hint(root))
-    if check_hashes:
-        got = _hash_files(root, list(files), progress, "checking hashes")
-        for name, meta in files.items():
-            if got[name]["sha256"] != meta["sha256"]:
-                raise BuildError(f"{root / name} does not match its sha256 in the manifest: the "
-                                 f"file was altered or corrupted; " + _rebuild_hint(root))
-    try:
-        config = ModelConfig.from_dict(man["model"])
-    except Exception as e:
-        raise BuildError(f"{mpath} has an unreadable model config ({e}); "
-                         + _rebuild_hint(root)) from None
-    return Build(root, man, config, target, man["dtype"], int(man["max_context"]))
+__all__ = ["build"]
 
 
 def _clean_stale_partials(out: Path) -> None:
@@ -194,7 +40,7 @@ def _clean_stale_partials(out: Path) -> None:
     if not out.parent.is_dir():
         return
     for p in out.parent.iterdir():
-        m = _PARTIAL.match(p.name)
+        m = PARTIAL_DIR.match(p.name)
         if not m or m.group("name") != out.name or not p.is_dir():
             continue
         pid = int(m.group("pid"))
@@ -209,7 +55,7 @@ def _clean_stale_partials(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target: str = "onnx",
+def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
           dtype: str = "fp32", max_context: int = 2048, force: bool = False,
           progress: bool = True, extra_manifest: dict[str, Any] | None = None,
           all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
@@ -217,6 +63,9 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
           components: tuple[str, ...] | None = None,
           trt_options: dict[str, Any] | None = None) -> Path:
     """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
+
+    tokenizer: None, a g3export Tokenizer (anything with `to_json()`: written as tokenizer.json
+    into the partial directory), or the path of a tokenizer.json file (copied).
 
     components: which graphs to write, from ("text", "vision"); default: text, plus vision when
     the config has a vision encoder. images: whether the text graph takes image features
@@ -227,16 +76,15 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
     out = Path(out_dir)
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; use one of: {', '.join(TARGETS)}")
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in DTYPES:
         raise BuildError(f"unknown dtype {dtype!r}; use fp32 (CPU), fp16 or bf16 (GPU)")
     cfg: ModelConfig = model.config
     components = _check_components(cfg, components)
     if images is None:
         images = cfg.has_vision
-    try:
-        layout = kv_layout(cfg.text, max_context, 1, dtype)
-    except ValueError as e:
-        raise BuildError(str(e)) from None
+    if not 0 < max_context <= cfg.text.max_position_embeddings:
+        raise BuildError(f"max_context {max_context} must be in 1..{cfg.text.max_position_embeddings} "
+                         "(the model's max_position_embeddings)")
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines
@@ -247,8 +95,8 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it (it is replaced only "
                          "once the new build is complete)")
-    if tokenizer_json is not None and not Path(tokenizer_json).is_file():
-        raise BuildError(f"tokenizer file {tokenizer_json} not found")
+    if isinstance(tokenizer, (str, Path)) and not Path(tokenizer).is_file():
+        raise BuildError(f"tokenizer file {tokenizer} not found")
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(out)
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -273,31 +121,24 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
             ios.append(export_vision(model, tmp, dtype, progress=progress))
         export_s = time.perf_counter() - t0
         tok_name = None
-        if tokenizer_json is not None:
+        if tokenizer is not None:
             tok_name = "tokenizer.json"
-            shutil.copyfile(tokenizer_json, tmp / tok_name)
+            if isinstance(tokenizer, (str, Path)):
+                shutil.copyfile(tokenizer, tmp / tok_name)
+            else:
+                (tmp / tok_name).write_text(tokenizer.to_json(), encoding="utf-8")
         trt_section = _build_engines(tmp, engine_plan, ios, progress)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        files = _hash_files(tmp, names, progress, "hashing")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "g3export_version": _version("g3export"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "target": target,
-            "dtype": dtype,
-            "max_context": max_context,
-            "model": cfg.to_dict(),
-            "kv_layout": layout.to_dict(),
-            "components": {io.name: io.to_dict() for io in ios},
-            "tokenizer": tok_name,
-            "versions": {k: _version(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir",
-                                                   "onnxruntime", "onnxruntime-gpu")},
-            "export_seconds": round(export_s, 2),
-            "files": files,
-            "tensorrt": trt_section,
-            "extra": extra_manifest or {},
-        }
-        _write_json(tmp / MANIFEST, manifest)
+        manifest = Manifest(
+            target=target, dtype=dtype, max_context=max_context, model=cfg,
+            components={io.name: io for io in ios},
+            files=hash_files(tmp, names, progress, "hashing"), tokenizer=tok_name,
+            tensorrt=trt_section, g3export_version=package_version("g3export"),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            versions={k: package_version(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir",
+                                                      "onnxruntime", "onnxruntime-gpu")},
+            export_seconds=round(export_s, 2), extra=extra_manifest or {})
+        manifest.write(tmp)
         _fsync_dir(tmp)
         if out.exists():  # force: swap only now that the new build is complete
             old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
@@ -313,9 +154,6 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
     return out
 
 
-COMPONENTS = ("text", "vision")
-
-
 def _check_components(cfg: ModelConfig, components) -> tuple[str, ...]:
     if components is None:
         return ("text", "vision") if cfg.has_vision else ("text",)
@@ -329,12 +167,12 @@ def _check_components(cfg: ModelConfig, components) -> tuple[str, ...]:
     return components
 
 
-def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> dict[str, Any] | None:
+def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> TensorRTSection | None:
     """The TensorRT step of a `trt`/`trt-rtx` build (None for `onnx`): runs after the ONNX
     components are written into the partial directory and before files are hashed, so the
     engines are covered by the manifest's sha256 list. Each component's .onnx is rewritten for
     TensorRT and kept beside its engine (see g3export.export.trt.build_text_engine); the returned
-    dict is the manifest's `tensorrt` section (flavour, version, compute capabilities, attention
+    section is the manifest's `tensorrt` section (flavour, version, compute capabilities, attention
     translation and plugin, profiles, engine bytes and build time). Only the text component gets
     an engine so far; a vision component stays ONNX (listed under `onnx_only`)."""
     if plan is None:
@@ -348,17 +186,7 @@ def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> dict[s
     if section is None:
         raise BuildError("a TensorRT build needs the text component")
     section["onnx_only"] = [io.name for io in ios if io.name not in section["engines"]]
-    return section
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    return TensorRTSection.from_dict(section)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -54,10 +54,8 @@ Graph details that matter for memory and speed (the passes run in this order aft
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -69,6 +67,7 @@ from torch import nn
 from ..modeling.cache import kv_layout
 from ..modeling.config import ModelConfig
 from ..modeling.text import Gemma3Model
+from .manifest import ComponentIO, TensorSpec
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
 
 OPSET = 20
@@ -85,50 +84,6 @@ def ir_version_for(opset: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # The I/O contract, as data
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str                          # numpy-style name: int64, float32, float16, bfloat16
-    shape: tuple[int | str, ...]        # str = symbolic dim
-    aliases: str | None = None          # output only: the input whose buffer it shares
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "aliases": self.aliases}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]), d.get("aliases"))
-
-
-@dataclass(frozen=True)
-class ComponentIO:
-    """One component's graph: its file and its inputs/outputs (names, dtypes, symbolic shapes,
-    which output aliases which input)."""
-
-    name: str
-    file: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
-    def output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.file, "options": dict(self.options),
-                "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ComponentIO":
-        return cls(d["name"], d["file"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), dict(d.get("options", {})))
 
 
 def text_io(cfg: ModelConfig, max_context: int, dtype: str = "fp32", all_logits: bool = False,

@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import BuildError
 from ..modeling.config import ModelConfig
 from ..modeling.text import Gemma3Model
-from .onnx_export import (ONNX_DTYPE_NAMES, OPSET, TORCH_DTYPES, ComponentIO, TensorSpec,
-                          _check_io, _drop_unused_initializers, _fold_weight_transposes,
-                          _fuse_rms_norm, _quiet, _strip_metadata, ir_version_for,
-                          save_with_external_data)
+from .manifest import ComponentIO, TensorSpec
+from .onnx_export import (ONNX_DTYPE_NAMES, OPSET, TORCH_DTYPES, _check_io,
+                          _drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
+                          _quiet, _strip_metadata, ir_version_for, save_with_external_data)
 
 MAX_IMAGES = 256
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
@@ -112,8 +113,6 @@ def vision_only_model(config: ModelConfig | str, seed: int = 0,
     for a `components=('vision',)` build of a large preset without allocating the text weights."""
     from ..modeling.config import preset
     from ..modeling.weights import random_weights
-
-    from .build import BuildError
 
     cfg = preset(config) if isinstance(config, str) else config
     if cfg.vision is None:

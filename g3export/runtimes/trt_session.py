@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from ..export.build import Build, BuildError, load_build
-from ..modeling.cache import kv_layout
+from ..dtypes import DTYPES
+from ..export.manifest import Build, BuildError, load_build
 from .session import Session
 
 NO_GPU = ("this build is a TensorRT engine ({target}) and needs an NVIDIA GPU with {lib}; none is "
@@ -52,9 +52,6 @@ NO_GPU = ("this build is a TensorRT engine ({target}) and needs an NVIDIA GPU wi
 
 class GpuRequired(BuildError):
     """A TensorRT build was opened on a machine without a usable NVIDIA GPU."""
-
-
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _require_gpu(target: str) -> Any:
@@ -76,11 +73,11 @@ class TrtSession(Session):
         from ..export.trt import require_tensorrt
 
         trt = require_tensorrt(build.target)
-        section = build.manifest.get("tensorrt") or {}
-        if "engines" not in section or "text" not in section["engines"]:
+        section = build.tensorrt
+        if section is None or "text" not in section.engines:
             raise BuildError(f"{build.root}: the manifest has no TensorRT text engine; rebuild it "
                              f"with `g3export build ... --target {build.target}`")
-        if section.get("attention") == "plugin":
+        if section.attention == "plugin":
             from ..export.trt_plugin import register_plugins
 
             register_plugins(trt)  # before deserializing: the engine names the plugin creator
@@ -93,10 +90,10 @@ class TrtSession(Session):
         self.dtype = build.dtype
         self.io = build.component("text")
         self.images = bool(self.io.options.get("images"))
-        self.prefill_chunk = int(section["prefill_chunk"])
-        self.chunk_align = section.get("chunk_align")
-        if batch > int(section.get("max_batch", 1)):
-            raise BuildError(f"this engine was built for batch <= {section.get('max_batch', 1)}; "
+        self.prefill_chunk = section.prefill_chunk
+        self.chunk_align = section.chunk_align
+        if batch > section.max_batch:
+            raise BuildError(f"this engine was built for batch <= {section.max_batch}; "
                              "rebuild with --max-batch")
         self.dev = torch.device("cuda", device)
         torch.cuda.set_device(self.dev)
@@ -104,31 +101,32 @@ class TrtSession(Session):
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        engine_file = build.path(section["engines"]["text"]["file"])
+        engine = section.engines["text"]
+        engine_file = build.path(engine.file)
         self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise BuildError(
                 f"{engine_file} could not be deserialized by {build.target} "
-                f"{getattr(trt, '__version__', '?')}: it was built with {section.get('library')} "
-                f"{section.get('version')} for compute capabilities "
-                f"{section.get('compute_capabilities') or 'the build GPU'}; engines are portable "
+                f"{getattr(trt, '__version__', '?')}: it was built with {section.library} "
+                f"{section.version} for compute capabilities "
+                f"{section.compute_capabilities or 'the build GPU'}; engines are portable "
                 f"across none of these. Rebuild it on/for this GPU (g3export build ... --target "
                 f"{build.target})")
-        names = [p["name"] for p in section["engines"]["text"]["profiles"]]
+        names = engine.profile_names
         self.contexts = {}
         for name in ("prefill", "decode"):
             ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(names.index(name), self.stream.cuda_stream)
             self.contexts[name] = ctx
 
-        tdt = getattr(torch, _TORCH_DTYPES[self.dtype])
-        self.layout = kv_layout(self.config.text, self.max_context, batch, self.dtype)
+        tdt = DTYPES[self.dtype].torch
+        self.layout = build.kv_layout(batch)  # what the manifest records (checked on load)
         self.caches: list[Any] = []
         self._kv_names: list[tuple[str, str]] = []
         for lc in self.layout.layers:
             for past in (lc.k_name, lc.v_name):
                 self.caches.append(torch.zeros(lc.shape, dtype=tdt, device=self.dev))
-                self._kv_names.append((past, past.replace("past_", "present_")))
+                self._kv_names.append((past, self.io.present(past)))
         t = self.config.text
         self._ids = torch.zeros(batch * self.prefill_chunk, dtype=torch.int64, device=self.dev)
         self._start = torch.zeros(1, dtype=torch.int64, device=self.dev)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from g3export.export.build import FORMAT_VERSION, BuildError, build, load_build
+from g3export.export.build import build
+from g3export.export.manifest import FORMAT_VERSION, BuildError, load_build
 from g3export.export.onnx_attention import scatter_inputs_ok
 from g3export.export.onnx_export import initializer_bytes
-from g3export.export.verify import verify
+from g3export.runtimes.verify import verify
 from g3export.modeling.cache import kv_layout
 from g3export.modeling.config import preset
 from g3export.modeling.text import Gemma3Model

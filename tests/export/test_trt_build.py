@@ -64,14 +64,14 @@ def builds(hf_tiny_causal, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("attention", ["plugin", "native"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_cli_build_is_complete(builds, attention, dtype):
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
 
     b = load_build(builds[f"{attention}-{dtype}"])  # sizes and sha256 of every file checked
     assert b.target == "trt-rtx" and b.dtype == dtype
-    files = b.manifest["files"]
+    files = b.manifest.to_dict()["files"]
     assert {"text.onnx", "text.onnx.data", "text.engine", "manifest.json"} - {"manifest.json"} \
         <= set(files)
-    t = b.manifest["tensorrt"]
+    t = b.manifest.to_dict()["tensorrt"]
     assert t["flavour"] == "trt-rtx" and t["library"] == "tensorrt_rtx"
     assert t["version"].startswith("1.7") and t["compute_capabilities"] == ["8.6", "12.0"]
     assert t["attention"] == attention and t["strongly_typed"] is True
@@ -132,14 +132,14 @@ def test_native_prefill_chunk_longer_than_window_refused(hf_tiny_causal, tmp_pat
 def _session_over(build_dir: Path, onnx_path: Path):
     """An OrtSession over `onnx_path` with the build's config and I/O, carrying the TensorRT
     engine's chunk limits (what TrtSession sets) so generate() chunks exactly as on the GPU."""
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
     from g3export.runtimes.ort_session import OrtSession
 
     b = load_build(build_dir)
-    t = b.manifest["tensorrt"]
+    t = b.tensorrt
     sess = OrtSession(b.config, onnx_path, b.component("text"), b.max_context, b.dtype,
                       max_chunk=None)
-    sess.prefill_chunk, sess.chunk_align = t["prefill_chunk"], t["chunk_align"]
+    sess.prefill_chunk, sess.chunk_align = t.prefill_chunk, t.chunk_align
     return sess
 
 
@@ -240,7 +240,7 @@ def test_multimodal_build(tmp_path, attention):
     import torch
     import transformers
 
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
     from tests.multimodal import _hf_config
 
     torch.manual_seed(0)
@@ -250,7 +250,7 @@ def test_multimodal_build(tmp_path, attention):
                 "--max-context", "64", "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = load_build(tmp_path / "b")
-    assert set(b.manifest["components"]) == {"text", "vision"}
-    assert b.manifest["tensorrt"]["onnx_only"] == ["vision"]
-    text_inputs = {io["name"] for io in b.manifest["components"]["text"]["inputs"]}
-    assert "image_features" in text_inputs and "text.engine" in b.manifest["files"]
+    assert set(b.components) == {"text", "vision"}
+    assert b.tensorrt.onnx_only == ["vision"]
+    text_inputs = {io.name for io in b.component("text").inputs}
+    assert "image_features" in text_inputs and "text.engine" in b.manifest.files

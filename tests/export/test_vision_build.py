@@ -32,8 +32,9 @@ import torch
 from click.testing import CliRunner
 
 from g3export.cli import main
-from g3export.export.build import BuildError, build, load_build
-from g3export.export.verify import verify
+from g3export.export.build import build
+from g3export.export.manifest import BuildError, load_build
+from g3export.runtimes.verify import verify
 from g3export.modeling.weights import build_model
 from g3export.runtimes.generate import generate, prefill_chunks
 from g3export.runtimes.ort_session import OrtSession, VisionUnavailable
@@ -70,7 +71,7 @@ def test_build_has_both_components(tiny_build):
     assert v.output("image_features").shape == ("images", MM, TINY.text.hidden_size)
     assert b.component("text").options["images"] is True
     assert {"vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data"} <= set(
-        b.manifest["files"])
+        b.manifest.files)
     # only vision weights in the vision graph, no vision weights in the text graph
     from g3export.export.onnx_export import initializer_bytes
 
@@ -247,9 +248,9 @@ def test_4b_vision_only_random_build(tmp_path):
     v = b.component("vision")
     assert v.input("pixel_values").shape == ("images", 3, 896, 896)
     assert v.output("image_features").shape == ("images", 256, 2560)
-    assert b.manifest["model"]["name"] == "4b"
-    assert set(b.manifest["files"]) == {"vision.onnx", "vision.onnx.data"}
-    assert 1.6e9 < b.manifest["files"]["vision.onnx.data"]["size"] < 1.8e9
+    assert b.config.name == "4b"
+    assert set(b.manifest.files) == {"vision.onnx", "vision.onnx.data"}
+    assert 1.6e9 < b.manifest.files["vision.onnx.data"].size < 1.8e9
     rep = verify(out)
     assert rep.ok, rep.format()
     assert rep.vision_shape == [1, 256, 2560]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from g3export.modeling.cache import kv_layout
 from g3export.modeling.config import preset
 from g3export.modeling.text import Gemma3Model
 from g3export.runtimes.generate import GenerationError, generate, prefill_chunks
@@ -76,8 +77,8 @@ def test_kv_bytes_follow_the_layout(model):
     s = TorchSession(model, 100)
     t = model.config.text
     # 2 sliding-window layers per full layer in the tiny preset: W slots vs 100 slots
-    assert s.kv_bytes == t.kv_cache_bytes(100, dtype_bytes=4)
-    assert s.kv_bytes < t.kv_cache_bytes(100, dtype_bytes=4, all_global=True)
+    assert s.kv_bytes == kv_layout(t, 100).bytes
+    assert s.kv_bytes < kv_layout(t, 100, all_global=True).bytes
 
 
 def test_sampling_filters():

@@ -20,6 +20,11 @@ image_features on the same random pixel values (`vision_images` images, default 
 costs ~1 min per image per side on 2 CPU cores). Its difference is taken relative to the
 features' scale: max|a - r| / max(1, max|r|) <= tolerance. Vision-only builds are checked without
 materialising the text weights (the reference's text part stays on the meta device).
+
+Numbers that are not numbers: any NaN or infinity in the graph's logits, its KV caches (every
+dtype; bf16 caches are checked on their bit patterns) or its image features fails the report
+(`nonfinite` names where), whatever the differences say: a NaN difference compares false with
+every bound, so a max() over differences alone would pass it.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ class VerifyReport:
     max_vision_diff: float = 0.0       # relative: max|a - r| / max(1, max|r|)
     vision_shape: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)  # where the graph gave NaN/inf
 
     @property
     def ok(self) -> bool:
         cache_tol = self.tolerance
-        return bool(self.max_logit_diff <= self.tolerance and self.max_cache_diff <= cache_tol
+        return bool(not self.nonfinite
+                    and self.max_logit_diff <= self.tolerance and self.max_cache_diff <= cache_tol
                     and np.isfinite(self.max_logit_diff) and np.isfinite(self.max_vision_diff)
                     and self.max_vision_diff <= self.tolerance)
 
@@ -67,6 +74,7 @@ class VerifyReport:
         if "vision" in self.components:
             lines.append(f"  vision: features {self.vision_shape}, max relative diff "
                          f"{self.max_vision_diff:.3g}")
+        lines += [f"  non-finite values (NaN/inf) in: {w}" for w in self.nonfinite]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -116,7 +124,7 @@ def reference_from_build(build) -> "object":
 def _load_initializers(onnx_path, params) -> set[str]:
     import torch
 
-    from .onnx_export import iter_initializers
+    from ..export.onnx_export import iter_initializers
 
     loaded = set()
     with torch.no_grad():
@@ -147,7 +155,7 @@ def verify(build_dir: str | Path, model=None, provider: str = "cpu", seed: int =
            decode_steps: int = 8, progress: bool = False, vision_images: int = 1) -> VerifyReport:
     import torch
 
-    from .build import load_build
+    from ..export.manifest import load_build
 
     b = load_build(build_dir, expect_target="onnx", progress=progress)
     weights_from = "build"
@@ -169,11 +177,13 @@ def verify(build_dir: str | Path, model=None, provider: str = "cpu", seed: int =
             with torch.no_grad():
                 ref_feats = model.image_features(torch.from_numpy(pixels)).float().numpy()
     if "vision" in comps:
-        from ..runtimes.ort_session import OrtVision
+        from .ort_session import OrtVision
 
         vio = comps["vision"]
         got = OrtVision(b.path(vio.file), vio, provider)(pixels)
         rep.vision_shape = list(got.shape)
+        if not np.isfinite(got).all():
+            rep.nonfinite.append("vision image_features")
         if got.shape != ref_feats.shape:
             rep.max_vision_diff = float("inf")
             rep.notes.append(f"vision output shape {list(got.shape)} != reference "
@@ -187,8 +197,8 @@ def verify(build_dir: str | Path, model=None, provider: str = "cpu", seed: int =
 
 
 def _verify_text(b, model, provider, rng, decode_steps, rep, feats) -> None:
-    from ..runtimes.ort_session import OrtSession
-    from ..runtimes.reference import TorchSession
+    from .ort_session import OrtSession
+    from .reference import TorchSession
 
     cfg = b.config
     sess = OrtSession.from_build(b, provider=provider)
@@ -231,14 +241,32 @@ def _verify_text(b, model, provider, rng, decode_steps, rep, feats) -> None:
                 f = feats[0]
         a = sess.forward(ids, pos, f)
         r = ref.forward(ids, pos, f)
+        if not np.isfinite(a).all():
+            rep.nonfinite.append(f"logits ({kind} at {pos})")
         d = float(np.abs(a.astype(np.float64) - r.astype(np.float64)).max())
-        rep.max_logit_diff = max(rep.max_logit_diff, d)
+        rep.max_logit_diff = d if np.isnan(d) else max(rep.max_logit_diff, d)
         if int(a[0].argmax()) != int(r[0].argmax()):
             rep.tokens_equal = False
         rep.steps.append({"kind": kind, "start": pos, "tokens": n, "max_logit_diff": d})
         tok = int(r[0].argmax())
         pos += n
+    names = [n for lc in sess.layout.layers for n in (lc.k_name, lc.v_name)]
+    if b.dtype == "bf16" and not sess.cache_arrays:  # on a GPU: ORT has no numpy bf16 copy
+        rep.notes.append("bf16 caches on the GPU were not checked for NaN/inf")
+        return
+    caches = sess.cache_arrays or [ov.numpy() for ov in sess.cache_ortvalues()]
+    for name, g in zip(names, caches):
+        if not _finite(g, b.dtype):
+            rep.nonfinite.append(f"cache {name}")
     if b.dtype != "bf16":
-        got = [np.asarray(ov.numpy(), dtype=np.float32) for ov in sess.cache_ortvalues()]
-        for g, c in zip(got, ref.caches):
-            rep.max_cache_diff = max(rep.max_cache_diff, float(np.abs(g - c.float().numpy()).max()))
+        for g, c in zip(caches, ref.caches):
+            d = float(np.abs(np.asarray(g, dtype=np.float32) - c.float().numpy()).max())
+            rep.max_cache_diff = d if np.isnan(d) else max(rep.max_cache_diff, d)
+
+
+def _finite(a: np.ndarray, dtype: str) -> bool:
+    """No NaN/inf in a cache buffer; bf16 buffers are uint16 bit patterns (exponent all ones
+    = inf or NaN)."""
+    if dtype == "bf16":
+        return not bool(((np.asarray(a).view(np.uint16) & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(a).all())
