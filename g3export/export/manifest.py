@@ -269,7 +269,7 @@ class Manifest:
             target=schema.choice(d, "target", TARGETS), dtype=schema.choice(d, "dtype", tuple(DTYPES)),
             max_context=max_context, model=schema.model_config(schema.get(d, "model", "object")),
             components=components, files=files,
-            tokenizer=schema.get(d, "tokenizer", "str|null", default=None),
+            tokenizer=schema.get(d, "tokenizer", "str|null"),
             tensorrt=None if trt is None else TensorRTSection.from_dict(trt),
             format_version=fv, g3export_version=schema.get(d, "g3export_version", "str|null",
                                                            default=None),

@@ -82,6 +82,8 @@ def tensor_spec(d: Any, where: str) -> dict[str, Any]:
 
 def component(d: Any, where: str) -> dict[str, Any]:
     d = obj(d, where)
+    if not get(d, "file", "str", where).endswith(".onnx"):
+        fail(f"{where}.file", f"is {short(d['file'])}, not an .onnx graph")
     return {"name": get(d, "name", "str", where), "file": get(d, "file", "str", where),
             "options": dict(get(d, "options", "object", where, {})),
             "inputs": [tensor_spec(t, f"{where}.inputs[{i}]")
@@ -196,6 +198,11 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
                           f"aliasing it")
         if "image_features" in ins and ins["image_features"].shape[-1:] != (t.hidden_size,):
             fail("components.text.inputs.image_features", f"is not [*, {t.hidden_size}]")
+        if bool(text.options.get("images")) != ("image_features" in ins):
+            fail("components.text.options.images", "disagrees with the graph's inputs")
+        if bool(text.options.get("all_logits")) != (logits.shape[1:2] == ("seq",)):
+            fail("components.text.options.all_logits", "disagrees with the logits' shape")
+        _same_io("components.text", text, _text_contract(text, layout, t, mdt))
     vision = man.components.get("vision")
     if vision is not None:
         if not cfg.has_vision:
@@ -205,6 +212,11 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
         if feats.shape[-2:] != (cfg.mm_tokens_per_image, t.hidden_size):
             fail("components.vision.outputs.image_features", f"is {list(feats.shape)}, not "
                   f"[images, {cfg.mm_tokens_per_image}, {t.hidden_size}]")
+        v = cfg.vision
+        _same_io("components.vision", vision, (
+            {"pixel_values": ("float32", ("images", v.num_channels, v.image_size, v.image_size),
+                              None)},
+            {"image_features": (mdt, ("images", cfg.mm_tokens_per_image, t.hidden_size), None)}))
     trt = man.tensorrt
     if (trt is None) != (man.target == "onnx"):
         fail("tensorrt", "is missing (a TensorRT build)" if trt is None else
@@ -216,6 +228,39 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
         for k in list(trt.engines) + list(trt.onnx_only):
             if k not in man.components:
                 fail(f"tensorrt.engines.{k}", "names a component the build does not have")
+
+
+def _text_contract(text: Any, layout: Any, t: Any, mdt: str) -> tuple[dict, dict]:
+    """The text graph's I/O contract (g3export.export.onnx_export's table) for this model:
+    ({input: (dtype, shape, None)}, {output: (dtype, shape, aliases)}), where an aliasing output
+    is keyed by the input it aliases (its name is free). The batch dim is the graph's own
+    (symbolic, or fixed at export)."""
+    b = text.input("input_ids").shape[:1]
+    ins = {"input_ids": ("int64", (*b, "seq"), None), "start_pos": ("int64", (1,), None)}
+    if text.options.get("images"):
+        ins["image_features"] = (mdt, ("image_tokens", t.hidden_size), None)
+    outs = {"logits": ("float32", (*b, "seq" if text.options.get("all_logits") else 1,
+                                   t.vocab_size), None)}
+    for lc in layout.layers:
+        for past in (lc.k_name, lc.v_name):
+            ins[past] = (mdt, (*b, *lc.shape[1:]), None)
+            outs[past] = (mdt, (*b, *lc.shape[1:]), past)
+    return ins, outs
+
+
+def _same_io(where: str, io: Any, contract: tuple[dict, dict]) -> None:
+    """io's inputs and outputs are exactly `contract` (no more, no fewer, same dtypes/shapes)."""
+    ins, outs = contract
+    got_in = {s.name: (s.dtype, s.shape, s.aliases) for s in io.inputs}
+    got_out = {(s.aliases or s.name): (s.dtype, s.shape, s.aliases) for s in io.outputs}
+    if len(got_in) != len(io.inputs) or len(got_out) != len(io.outputs) or len(
+            {s.name for s in io.outputs}) != len(io.outputs):
+        fail(where, "names a tensor twice")
+    for kind, got, want in (("inputs", got_in, ins), ("outputs", got_out, outs)):
+        for name in sorted(set(got) | set(want), key=str):
+            if got.get(name) != want.get(name):
+                fail(f"{where}.{kind}.{name}", f"is {short(got.get(name))}; this model's graph "
+                     f"has {short(want.get(name))} (dtype, shape, aliases)")
 
 
 def _need(specs: dict[str, Any], name: str, where: str) -> Any:
