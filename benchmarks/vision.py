@@ -37,7 +37,7 @@ def _loadavg() -> str:
 
 
 def vision_throughput(size: str, build_dir: Path, batches, repeat: int, provider: str):
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
     from g3export.runtimes.ort_session import OrtVision, physical_cores
 
     if not (build_dir / "manifest.json").is_file():

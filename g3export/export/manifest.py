@@ -52,7 +52,8 @@ __all__ = ["BuildError", "Build", "ComponentIO", "EngineEntry", "FileEntry", "FO
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TARGETS = ("onnx", "trt", "trt-rtx")   # the CLI's --target choices read this
+ENGINE_TARGETS = ("trt", "trt-rtx")   # builds that hold TensorRT engines (export/trt FLAVOURS)
+TARGETS = ("onnx", *ENGINE_TARGETS)    # the CLI's --target choices read this
 COMPONENTS = ("text", "vision")
 MAX_MANIFEST_BYTES = 64 << 20          # a manifest is ~100 kB; refuse to read a huge one
 PARTIAL_DIR = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+$")
@@ -284,7 +285,7 @@ class Manifest:
         path = Path(directory) / MANIFEST
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(self.to_dict(), f, indent=2, default=str)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -78,8 +78,9 @@ if TYPE_CHECKING:  # type-checked against tensorrt-stubs (TensorRT-RTX has the s
 
 from ..errors import BuildError
 from ..modeling.cache import DEFAULT_PREFILL_CHUNK
+from .manifest import ENGINE_TARGETS
 
-FLAVOURS = ("trt", "trt-rtx")
+FLAVOURS = ENGINE_TARGETS
 
 _MODULES = {"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}
 _INSTALL = {

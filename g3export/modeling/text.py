@@ -2,7 +2,8 @@
 
 Module names equal the Hugging Face checkpoint names (`embed_tokens`, `layers.N.self_attn.q_proj`,
 `q_norm`, `pre_feedforward_layernorm`, ...), so loading weights is nearly the identity
-(g3export.modeling.weights). The forward pass is GEMMA3_SPEC §2; the attention and the static KV
+(g3export.modeling.weights). The building blocks shared with the vision tower (RMSNorm, MLP,
+RoPE, the scaled embedding) are in g3export.modeling.layers. The forward pass is GEMMA3_SPEC §2; the attention and the static KV
 cache are one custom op (g3export.modeling.attention), so the same module is the eager reference
 and the thing torch.export captures.
 
@@ -23,49 +24,9 @@ import torch
 from torch import nn
 
 from . import attention as _attention  # noqa: F401  (registers torch.ops.g3.attention)
-from .config import LAYER_TYPES, ModelConfig, TextConfig
-
-
-class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: computed in fp32, scaled by (1 + w) with w stored zero-centred."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
-
-
-class ScaledEmbedding(nn.Embedding):
-    """Token embedding times sqrt(hidden), the scale rounded to bf16 (TextConfig.embed_scale)."""
-
-    def __init__(self, num_embeddings: int, dim: int, scale: float):
-        super().__init__(num_embeddings, dim)
-        self.scale = scale
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) * self.scale
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = nn.functional.gelu(self.gate_proj(x), approximate="tanh")
-        return self.down_proj(gate * self.up_proj(x))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+from .config import ModelConfig, TextConfig
+from .layers import MLP, RMSNorm, RotaryEmbedding, ScaledEmbedding, rotate_half  # noqa: F401
+from .vision import MultiModalProjector, SiglipVisionModel
 
 
 class Attention(nn.Module):
@@ -116,28 +77,6 @@ class DecoderLayer(nn.Module):
         return x, k_cache, v_cache
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin per layer type, from TextConfig.rope (base theta, linear factor)."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.types = [lt for lt in LAYER_TYPES if lt in cfg.layer_types]
-        d = cfg.head_dim
-        for lt in self.types:
-            r = cfg.rope[lt]
-            inv = 1.0 / (r.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) / r.factor
-            self.register_buffer(f"inv_freq_{lt}", inv, persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
-        out = {}
-        for lt in self.types:
-            ang = positions.float()[:, None] * getattr(self, f"inv_freq_{lt}")[None, :]
-            emb = torch.cat([ang, ang], dim=-1)  # [T, D]
-            # HF computes cos/sin in fp32 and casts to the activation dtype (GEMMA3_SPEC §1b).
-            out[lt] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return out
-
-
 def image_groups_from_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """[B, T] int64: -1 for text, else the index (within the chunk) of the run of image tokens."""
     is_img = input_ids == image_token_id
@@ -171,8 +110,6 @@ class Gemma3Model(nn.Module):
         self.all_logits = all_logits
         self.language_model = TextModel(cfg.text)
         if cfg.vision is not None:
-            from .vision import MultiModalProjector, SiglipVisionModel
-
             self.vision_tower = SiglipVisionModel(cfg.vision)
             self.multi_modal_projector = MultiModalProjector(cfg)
 

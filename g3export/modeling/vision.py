@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, VisionConfig
-from .text import RMSNorm
+from .layers import RMSNorm
 
 
 class SiglipEmbeddings(nn.Module):

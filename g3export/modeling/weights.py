@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, config_from_hf, load_hf_config, preset
-from .text import Gemma3Model, RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding
+from .text import Gemma3Model
 from ..errors import CheckpointError  # noqa: F401  (defined in errors; importable from here)
 
 HF = "hf"

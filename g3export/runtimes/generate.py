@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+from ..modeling.cache import DEFAULT_PREFILL_CHUNK
 from .sampling import Sampler, SamplingConfig
 from .session import Session
-from ..errors import UserError
 
 
 class GenerationError(UserError, ValueError):
@@ -94,7 +95,7 @@ def check_prompt(ids: Sequence[int], session: Session) -> None:
 
 def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None,
-             chunk_size: int = 512, image_features: np.ndarray | None = None,
+             chunk_size: int = DEFAULT_PREFILL_CHUNK, image_features: np.ndarray | None = None,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids; call on_token(id) as each token is chosen.
 

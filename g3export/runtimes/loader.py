@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export.manifest import BuildError, load_build
+from ..export.manifest import ENGINE_TARGETS, BuildError, load_build
 
 
 def open_build(build_dir: str | Path, provider: str = "cpu"):
@@ -23,7 +23,7 @@ def open_build(build_dir: str | Path, provider: str = "cpu"):
         from .ort_session import OrtSession
 
         session = OrtSession.from_build(build, provider=provider)
-    elif target in ("trt", "trt-rtx"):
+    elif target in ENGINE_TARGETS:
         if provider != "cuda" and provider != "cpu":
             raise BuildError(f"unknown provider {provider!r}")
         from .trt_session import TrtSession

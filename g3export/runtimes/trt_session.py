@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import DTYPES
-from ..export.manifest import Build, BuildError, load_build
+from ..export.manifest import ENGINE_TARGETS, Build, BuildError, load_build
 from .session import Session
 
 NO_GPU = ("this build is a TensorRT engine ({target}) and needs an NVIDIA GPU with {lib}; none is "
@@ -146,7 +146,7 @@ class TrtSession(Session):
     def from_build(cls, build: Build | str | Path, **kwargs: Any) -> "TrtSession":
         if not isinstance(build, Build):
             build = load_build(build)
-        if build.target not in ("trt", "trt-rtx"):
+        if build.target not in ENGINE_TARGETS:
             raise BuildError(f"{build.root} is a '{build.target}' build, not a TensorRT one; open "
                              "it with g3export.runtimes.loader.open_build")
         _require_gpu(build.target)  # the clear message first, before the library is imported

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from g3export.modeling.config import FULL, SLIDING, preset
-from g3export.modeling.text import RotaryEmbedding
+from g3export.modeling.layers import RotaryEmbedding
 from g3export.modeling.weights import (CheckpointError, build_model, check_matches_size,
                                        resolve_checkpoint)
 
