@@ -68,25 +68,25 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
         if dtype == "fp16" and progress:
             from .export.trt import FP16_NOTE
             print(f"warning: {FP16_NOTE}", file=sys.stderr)
-    from .dtypes import dtype as dtype_of
+    from .dtypes import NAMES
     from .export.build import build as do_build
     from .modeling.config import preset
+    from .modeling.weights import open_weights
 
-    try:
-        tdtype = dtype_of(dtype).torch
-    except ValueError as e:
-        raise OptionError(str(e)) from None
-    # Check cheap things before loading weights.
+    if dtype not in NAMES:
+        raise OptionError(f"unknown dtype {dtype!r}; use one of: {', '.join(NAMES)}")
+    # Check cheap things before opening the weights.
     if size and max_context and max_context > preset(size).text.max_position_embeddings:
         raise OptionError(f"--max-context {max_context} is beyond {size}'s "
                           f"{preset(size).text.max_position_embeddings}")
     comps = tuple(components) if components else None
-    if comps == ("vision",) and weights == "random" and size and not checkpoint:
-        from .export.onnx_vision import vision_only_model
-
-        model = vision_only_model(size, dtype=tdtype)
-    else:
-        model = load_model(size, checkpoint, weights, dtype, all_logits, progress)
+    # The model stays on the meta device: its weights stream from the source into the build's
+    # files (DESIGN §3.6), so memory does not grow with the model.
+    if progress:
+        what = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
+        print(f"reading {what} weights (streamed into the build as {dtype}) ...", file=sys.stderr)
+    model, source = open_weights(size, checkpoint=checkpoint, weights=weights,
+                                 all_logits=all_logits)
     cfg = model.config
     if max_context and max_context > cfg.text.max_position_embeddings:
         raise OptionError(f"--max-context {max_context} is beyond the model's "
@@ -95,7 +95,8 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
     tokenizer = tokenizer_for(size, checkpoint, weights)
     out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
     return do_build(model, tokenizer, out, target=target, dtype=dtype, max_context=ctx,
-                    force=force, trt_options=trt_options, components=comps, progress=progress)
+                    force=force, trt_options=trt_options, components=comps, progress=progress,
+                    weights=source)
 
 
 def load_model(size, checkpoint, weights, dtype="fp32", all_logits=False, progress=True):

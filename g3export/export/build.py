@@ -61,11 +61,14 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
           all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
           export_options: dict[str, Any] | None = None,
           components: tuple[str, ...] | None = None,
-          trt_options: dict[str, Any] | None = None) -> Path:
+          trt_options: dict[str, Any] | None = None, weights=None) -> Path:
     """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
 
     tokenizer: None, a g3export Tokenizer (anything with `to_json()`: written as tokenizer.json
     into the partial directory), or the path of a tokenizer.json file (copied).
+    weights: a g3export.modeling.sources.WeightSource, when `model` is on the meta device
+    (`g3export.modeling.weights.open_weights` gives both): the weights stream from it into the
+    build and memory does not grow with the model (DESIGN §3.6). None: the model's own tensors.
 
     components: which graphs to write, from ("text", "vision"); default: text, plus vision when
     the config has a vision encoder. images: whether the text graph takes image features
@@ -111,14 +114,16 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
 
         t0 = time.perf_counter()
         ios = []
+        streamed: dict[str, dict] = {}  # data files hashed as they were written
         if "text" in components:
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
-                                   **(export_options or {})))
+                                   weights=weights, hashes=streamed, **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")
-            ios.append(export_vision(model, tmp, dtype, progress=progress))
+            ios.append(export_vision(model, tmp, dtype, progress=progress, weights=weights,
+                                     hashes=streamed))
         export_s = time.perf_counter() - t0
         tok_name = None
         if tokenizer is not None:
@@ -132,7 +137,7 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         manifest = Manifest(
             target=target, dtype=dtype, max_context=max_context, model=cfg,
             components={io.name: io for io in ios},
-            files=hash_files(tmp, names, progress, "hashing"), tokenizer=tok_name,
+            files=hash_files(tmp, names, progress, "hashing", known=streamed), tokenizer=tok_name,
             tensorrt=trt_section, g3export_version=package_version("g3export"),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             versions={k: package_version(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir",

@@ -46,18 +46,32 @@ def sha256_file(path: Path, bar=None, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_files(root: Path, names: list[str], progress: bool, desc: str) -> dict[str, FileEntry]:
-    """{name: FileEntry} of files in `root`, with one progress bar over all their bytes."""
+def hash_files(root: Path, names: list[str], progress: bool, desc: str,
+                known: dict[str, dict] | None = None) -> dict[str, FileEntry]:
+    """{name: FileEntry} of files in `root`, with one progress bar over the bytes it reads.
+
+    known: digests taken as the files were written (the streamed weights:
+    g3export.export.stream), {name: {"size", "sha256", "mtime_ns"}}; used when the file's size
+    and mtime are still those recorded (a step that rewrites a file afterwards gets it hashed
+    again), so a build does not read its weights back.
+    """
     from tqdm import tqdm
 
-    total = sum((root / n).stat().st_size for n in names)
-    out = {}
+    out, todo = {}, []
+    for n in names:
+        st = (root / n).stat()
+        k = (known or {}).get(n)
+        if k is not None and (k["size"], k["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            out[n] = FileEntry(k["size"], k["sha256"])
+        else:
+            todo.append(n)
+    total = sum((root / n).stat().st_size for n in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
               leave=False) as bar:
-        for n in names:
+        for n in todo:
             p = root / n
             out[n] = FileEntry(p.stat().st_size, sha256_file(p, bar))
-    return out
+    return dict(sorted(out.items()))
 
 
 def regular_file(path: Path) -> bool:
