@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from g3export.export import stream
-from g3export.export.build import BuildError, build, load_build
+from g3export.export.build import build
+from g3export.export.manifest import BuildError, load_build
 from g3export.modeling import sources
 from g3export.modeling.config import preset
 from g3export.modeling.sources import CheckpointError, RandomSource
@@ -68,7 +69,7 @@ def test_streamed_build_writes_the_same_bytes(reference_build, tmp_path, monkeyp
     assert _data(out) == _data(reference_build)
     assert (out / "text.onnx").read_bytes() == (reference_build / "text.onnx").read_bytes()
     b = load_build(out)  # the streamed hashes are the files' hashes
-    assert b.manifest["files"] == json.loads(
+    assert b.manifest.to_dict()["files"] == json.loads(
         (reference_build / "manifest.json").read_text())["files"]
 
 
