@@ -20,10 +20,12 @@ has); `Build.components` lists what a directory holds.
 
 Atomicity. `build()` writes everything into `<out>.partial-<pid>-<random>` (same parent, so the
 final rename is atomic on one filesystem); manifest.json is written last; only then is the
-directory renamed to `<out>`. With force, an existing `<out>` is moved aside only after the new
-build is complete, and removed after the rename. An interrupted build (exception, Ctrl-C) removes
-its partial dir; a killed one leaves a `.partial-` dir without a manifest, which `load_build`
-refuses and the next `build()` into the same `<out>` removes (when its pid is gone).
+directory renamed to `<out>`. g3export.export.outdir owns the directory handling: `--force`
+replaces only a g3export build, one build at a time (`<out>.lock`), crash-safe (an old build
+moved aside by a killed `--force` is put back by the next build or `load_build`). An interrupted
+build (exception, Ctrl-C, SIGTERM) removes its partial dir; a killed one leaves a `.partial-` dir
+without a manifest, which `load_build` refuses and the next `build()` into the same `<out>`
+removes (when its pid is gone).
 
 `load_build(dir)` refuses, with a `BuildError` whose message says what to do: a missing directory
 or manifest, a `.partial-` directory, a newer format_version, a different target, a missing file,
@@ -36,7 +38,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -141,6 +142,12 @@ def load_build(build_dir: str | Path, expect_target: str | None = None,
         raise BuildError(f"{root} is the leftover of an interrupted build (a '.partial-' directory); "
                          f"delete it and run the build again (`g3export build ... --out "
                          f"{root.parent / m.group('name')}`)")
+    from .outdir import recover
+
+    try:  # a build killed between the two renames of --force: put the old one back
+        recover(root)
+    except OSError:
+        pass
     if not root.is_dir():
         raise BuildError(f"build directory {root} does not exist; create it with "
                          f"`g3export build --size SIZE --target onnx --out {root}`")
@@ -189,26 +196,6 @@ def load_build(build_dir: str | Path, expect_target: str | None = None,
     return Build(root, man, config, target, man["dtype"], int(man["max_context"]))
 
 
-def _clean_stale_partials(out: Path) -> None:
-    """Remove `<out>.partial-<pid>-*` siblings whose writer process is gone."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.iterdir():
-        m = _PARTIAL.match(p.name)
-        if not m or m.group("name") != out.name or not p.is_dir():
-            continue
-        pid = int(m.group("pid"))
-        alive = True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive or pid == os.getpid():
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target: str = "onnx",
           dtype: str = "fp32", max_context: int = 2048, force: bool = False,
           progress: bool = True, extra_manifest: dict[str, Any] | None = None,
@@ -244,15 +231,13 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
         engine_plan = plan_engines(cfg, target, dtype, max_context, images=images,
                                    **(trt_options or {}))
         export_options = {**engine_plan.export_options(), **(export_options or {})}
-    if out.exists() and not force:
-        raise BuildError(f"{out} already exists; pass --force to replace it (it is replaced only "
-                         "once the new build is complete)")
     if tokenizer_json is not None and not Path(tokenizer_json).is_file():
         raise BuildError(f"tokenizer file {tokenizer_json} not found")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    # --out/--force checks, the lock, recovery of a killed build, the partial dir, SIGTERM
+    from .outdir import OutputDir
+
+    od = OutputDir(out, force).open()
+    tmp = od.partial
     try:
         from .onnx_export import export_text
         from .onnx_vision import export_vision
@@ -299,17 +284,9 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
         }
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
-        if out.exists():  # force: swap only now that the new build is complete
-            old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        od.commit()  # crash-safe swap (g3export.export.outdir)
+    finally:
+        od.close()  # removes the partial dir if the build did not complete; unlocks
     return out
 
 
