@@ -59,7 +59,8 @@ class Sampler:
 
     def _sample_row(self, row: np.ndarray) -> int:
         x = row.astype(np.float64)
-        x = (x - x.max()) / self.cfg.temperature  # <= 0, max exactly 0: see the module docstring
+        with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: wanted
+            x = (x - x.max()) / self.cfg.temperature  # <= 0, max exactly 0: module docstring
         k = self.cfg.top_k
         if 0 < k < x.size:
             kth = np.partition(x, -k)[-k]
