@@ -1,6 +1,7 @@
 """`g3export`: the command line. A thin layer: it parses options, calls library functions and turns
-user errors into a one-line message and a non-zero exit (no traceback). Heavy imports happen inside
-the commands, so `g3export --help` is instant.
+user errors into a one-line message and a non-zero exit (no traceback; `g3export --debug ...`
+shows one). Options are checked where they are parsed (g3export.cli_types: finite, in range,
+UTF-8). Heavy imports happen inside the commands, so `g3export --help` is instant.
 
     g3export run --reference --size 270m --prompt "What is the capital of France?"
     g3export build --size 270m --target onnx --out builds/270m
@@ -68,26 +69,12 @@ def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
     import torch
 
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    _require_weight_memory(size, checkpoint, dtype)
+    from .modeling.memory import require_weight_memory
+    require_weight_memory(size, checkpoint, dtype)
     source = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
     click.echo(f"loading {source} weights ({dtype}) ...", err=True)
     return build_model(size, checkpoint=checkpoint, weights=weights, dtype=tdtype,
                        all_logits=all_logits)
-
-
-def _require_weight_memory(size, checkpoint, dtype):
-    """Refuse a model whose weights cannot fit in memory, before any is allocated (the config
-    alone; a checkpoint's is read from its headers)."""
-    from .modeling.cache import DTYPE_BYTES
-    from .modeling.config import preset
-    from .modeling.memory import param_count, require_memory
-
-    if checkpoint:
-        from .modeling.weights import resolve_checkpoint
-        cfg = resolve_checkpoint(checkpoint)[0]
-    else:
-        cfg = preset(size)
-    require_memory(param_count(cfg) * DTYPE_BYTES[dtype], f"model {cfg.name!r} ({dtype} weights)")
 
 
 def _tokenizer_for(size, checkpoint, weights):

@@ -67,3 +67,17 @@ def require_memory(nbytes: int, what: str) -> None:
         raise ConfigError(f"{what} needs {nbytes / 2**30:.1f} GiB but this machine has "
                           f"{have / 2**30:.1f} GiB available; use a smaller model, --max-context "
                           "or dtype, or a machine with more memory")
+
+
+def require_weight_memory(size: str | None, checkpoint=None, dtype: str = "fp32") -> None:
+    """require_memory for the weights of a preset or a checkpoint (its config is read from the
+    headers only), before build_model materializes them."""
+    from .cache import DTYPE_BYTES
+    from .config import preset
+
+    if checkpoint:
+        from .weights import resolve_checkpoint
+        cfg = resolve_checkpoint(checkpoint)[0]
+    else:
+        cfg = preset(size)
+    require_memory(param_count(cfg) * DTYPE_BYTES[dtype], f"model {cfg.name!r} ({dtype} weights)")
