@@ -318,7 +318,7 @@ def _rope_from_params(p: Any, default_theta: float, what: str) -> RopeConfig:
         if "factor" not in p:
             raise ConfigError(f"config field {what} has rope_type 'linear' but no factor")
         return RopeConfig(theta, read_float(p, "factor", what))
-    raise ConfigError(f"rope_type {kind!r} is not used by Gemma 3 (expected 'default' or 'linear')")
+    raise ConfigError(f"rope_type {kind!r:.80} is not used by Gemma 3 (expected 'default' or 'linear')")
 
 
 _TEXT_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -44,7 +44,7 @@ def read_int(d: Mapping[str, Any], key: str, section: str = "", lo: int = 1,
     v = d[key]
     hi = CAPS.get(key, TOKEN_ID_CAP) if hi is None else hi
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"config field {where(key, section)} must be an integer, got {v!r}")
+        raise ConfigError(f"config field {where(key, section)} must be an integer, got {v!r:.80}")
     if not lo <= v <= hi:
         raise ConfigError(f"config field {where(key, section)} is {v}; it must be in "
                           f"[{lo}, {hi}] for a Gemma 3 model")
@@ -58,16 +58,16 @@ def read_float(d: Mapping[str, Any], key: str, section: str = "", positive: bool
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"config field {where(key, section)} must be a finite number, got {v!r}")
+        raise ConfigError(f"config field {where(key, section)} must be a finite number, got {v!r:.80}")
     if positive and not v > 0:
-        raise ConfigError(f"config field {where(key, section)} must be positive, got {v!r}")
+        raise ConfigError(f"config field {where(key, section)} must be positive, got {v!r:.80}")
     return float(v)
 
 
 def read_str(d: Mapping[str, Any], key: str, section: str = "") -> str:
     v = d[key]
     if not isinstance(v, str):
-        raise ConfigError(f"config field {where(key, section)} must be a string, got {v!r}")
+        raise ConfigError(f"config field {where(key, section)} must be a string, got {v!r:.80}")
     return v
 
 
