@@ -21,7 +21,8 @@ into the same `--out` is refused at once with a message (it never silently repla
 The lock file holds a marker line and is removed by its writer at the end (while still locked,
 and a locker re-checks that the file it locked is still the one at the path, so a late opener
 of a removed lock file cannot believe it holds the lock). A lock file without the marker is
-someone else's file: it is locked but never removed.
+someone else's file: it is locked but never removed. One left by a killed build (marked, held by
+nobody) is removed by `recover`.
 
 Crash safety of `--force`: the new build is complete (manifest.json written and fsynced) before
 the old one is touched; then `out -> <out>.old-<pid>-<hex>`, `partial -> out`, remove the old
@@ -122,6 +123,31 @@ def recover(out: str | Path) -> None:
     for p, pid in _siblings(out, "partial"):
         if not _pid_alive(pid) and pid != os.getpid():
             shutil.rmtree(p, ignore_errors=True)
+    _remove_stale_lock(out.parent / f"{out.name}.lock")
+
+
+def _remove_stale_lock(path: Path) -> None:
+    """Remove our lock file left by a killed build: only if it has our marker and nobody holds
+    it (a live build, this process's own included, holds it: flock conflicts between two open
+    descriptions even in one process)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # held by a live build
+        if (os.pread(fd, len(_LOCK_MARK) + 1, 0) == _LOCK_MARK
+                and os.stat(path).st_ino == os.fstat(fd).st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_out(out: Path, force: bool) -> None:

@@ -155,3 +155,33 @@ def test_sigterm_removes_the_partial_dir(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and b"Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # no partial, no lock, no out
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, shutil, signal, sys
+from g3export.export import outdir
+od = outdir.OutputDir(sys.argv[1], force=True).open()
+shutil.copytree(sys.argv[2], od.partial, dirs_exist_ok=True)
+real = os.rename
+def rename(a, b):
+    real(a, b)
+    if ".old-" in str(b):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = rename
+od.commit()
+"""
+
+
+def test_kill_9_between_the_renames_of_force(tmp_path, tiny_build):
+    """A real kill -9 after `out -> .old-*`: no build at out, the old one under a name the user
+    does not know, a partial dir and the lock file. main left it so; now the next command
+    (load_build here; a build does the same) puts the old build back and cleans up."""
+    out = tmp_path / "b"
+    shutil.copytree(tiny_build, out)
+    r = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(out), str(tiny_build)],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and any(".old-" in p.name for p in tmp_path.iterdir())
+    assert load_build(out).max_context == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
