@@ -246,14 +246,15 @@ class OutputDir:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         try:
+            self._install_sigterm()  # before the partial dir exists: no window without cleanup
             recover(self.out)
             check_out(self.out, self.force)  # again, under the lock and after recovery
-            self.partial = self.out.parent / (f"{self.out.name}.partial-{os.getpid()}-"
-                                              f"{secrets.token_hex(4)}")
-            self.partial.mkdir()
-            self._install_sigterm()
+            partial = self.out.parent / (f"{self.out.name}.partial-{os.getpid()}-"
+                                         f"{secrets.token_hex(4)}")
+            self.partial = partial
+            partial.mkdir()
         except BaseException:
-            self._lock.release()
+            self.close()
             raise
         return self
 
@@ -294,9 +295,11 @@ class OutputDir:
         try:
             if self.partial is not None:
                 shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial = None
         finally:
             if self._old_handler is not None:
                 signal.signal(signal.SIGTERM, self._old_handler)
+                self._old_handler = None
             self._lock.release()
 
 
