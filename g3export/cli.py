@@ -1,6 +1,7 @@
 """`g3export`: the command line. A thin layer: it parses options, calls library functions and turns
-user errors into a one-line message and a non-zero exit (no traceback). Heavy imports happen inside
-the commands, so `g3export --help` is instant.
+user errors into a one-line message and a non-zero exit (no traceback; `g3export --debug ...`
+shows one). Options are checked where they are parsed (g3export.cli_types: finite, in range,
+UTF-8). Heavy imports happen inside the commands, so `g3export --help` is instant.
 
     g3export run --reference --size 270m --prompt "What is the capital of France?"
     g3export build --size 270m --target onnx --out builds/270m
@@ -19,6 +20,7 @@ import sys
 
 import click
 
+from .cli_types import BATCH, REPEAT, SEED, TEMPERATURE, TEXT, TOKENS, TOP_K, TOP_P
 from .dtypes import NAMES as DTYPE_NAMES
 from .export.manifest import TARGETS
 from .export.trt import RTX_COMPUTE_CAPABILITIES
@@ -26,29 +28,28 @@ from .modeling.cache import DEFAULT_PREFILL_CHUNK
 from .modeling.config import PRESETS
 
 
-def _user_errors():
-    """The exception types that mean 'bad input', reported without a traceback."""
-    from .modeling.config import ConfigError
-    from .runtimes.generate import GenerationError
-
-    from .errors import BuildError, CheckpointError
-    from .runtimes.images import ImageError
-    from .runtimes.prompt import PromptError
-    from .runtimes.tokenizer import TokenizerError
-
-    return (ConfigError, GenerationError, FileNotFoundError, CheckpointError, BuildError,
-            ImageError, PromptError, TokenizerError)
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
 
 
 def friendly(fn):
+    """Bad input becomes `Error: <one line>` and exit 1 (click's usage errors exit 2): any
+    g3export.errors.UserError (every module's error type derives from it, so there is no list to
+    keep), and an OSError (a path the user gave that cannot be read or written; it names the file
+    and the reason). `g3export --debug ...` re-raises instead, with the traceback."""
+    from .errors import UserError
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except _user_errors() as e:
-            raise click.ClickException(str(e)) from None
+        except (UserError, OSError) as e:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and (ctx.find_root().params or {}).get("debug"):
+                raise
+            raise click.ClickException(_one_line(e)) from None
     return wrapper
 
 
@@ -57,7 +58,8 @@ SIZE = click.Choice(list(PRESETS), case_sensitive=False)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="g3export")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """Compile Gemma 3 to ONNX and TensorRT graphs and run them."""
 
 
@@ -67,6 +69,9 @@ def main() -> None:
 def _load_model(size, checkpoint, weights, dtype="fp32", all_logits=False):
     from .api import load_model
 
+    from .modeling.memory import require_weight_memory
+
+    require_weight_memory(size, checkpoint, dtype)
     return load_model(size, checkpoint, weights, dtype, all_logits)
 
 
@@ -141,14 +146,14 @@ def _generate_and_print(session, tokenizer, ids, max_new_tokens, sampling, as_js
 
 def sampling_options(fn):
     for opt in reversed([
-        click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True),
+        click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True),
         click.option("--greedy", is_flag=True, help="Argmax decoding (the default when no sampling option is given)."),
-        click.option("--temperature", type=float, default=None),
-        click.option("--top-k", type=click.IntRange(0), default=None),
-        click.option("--top-p", type=float, default=None),
-        click.option("--seed", type=int, default=None),
-        click.option("--prompt", type=str, default=None, help="Prompt text (wrapped in the chat template)."),
-        click.option("--prompt-ids", type=str, default=None,
+        click.option("--temperature", type=TEMPERATURE, default=None, help="> 0 (finite)."),
+        click.option("--top-k", type=TOP_K, default=None, help="Keep the k most likely (0: off)."),
+        click.option("--top-p", type=TOP_P, default=None, help="In (0, 1]."),
+        click.option("--seed", type=SEED, default=None, help=">= 0."),
+        click.option("--prompt", type=TEXT, default=None, help="Prompt text (wrapped in the chat template)."),
+        click.option("--prompt-ids", type=TEXT, default=None,
                      help="Comma-separated token ids, used exactly as given (no <bos>, no template)."),
         click.option("--no-chat-template", is_flag=True, help="Use --prompt as raw text (with <bos>)."),
         click.option("--image", "images", multiple=True, type=click.Path(),
@@ -171,8 +176,9 @@ def sampling_options(fn):
               help="With --reference: a HF directory or a .gguf file.")
 @click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
               show_default=True)
-@click.option("--max-context", type=click.IntRange(1), default=None,
-              help="With --reference: cache length (default: prompt + new tokens).")
+@click.option("--max-context", type=TOKENS, default=None,
+              help="With --reference: cache length (default: prompt + new tokens). A build's "
+                   "context is fixed when it is built.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @sampling_options
 @friendly
@@ -194,12 +200,22 @@ def run(build_dir, reference, size, checkpoint, weights, max_context, provider, 
         pixels, crops = _images(cfg, images, pan_and_scan)
         ids = _prompt_ids(tokenizer, prompt, prompt_ids, not no_chat_template, cfg, crops)
         ctx = max_context or min(cfg.text.max_position_embeddings, len(ids) + max_new_tokens)
+        if ctx > cfg.text.max_position_embeddings:
+            raise click.UsageError(f"--max-context {ctx} is beyond the model's "
+                                   f"{cfg.text.max_position_embeddings}")
+        from .modeling.memory import require_memory
+        require_memory(cfg.text.kv_cache_bytes(ctx, dtype_bytes=4), f"a KV cache of {ctx} tokens")
         session = TorchSession(model, max(ctx, 1))
     else:
         if not build_dir:
             raise click.UsageError("give BUILD_DIR, or --reference with --size/--checkpoint")
-        if size or checkpoint:
-            raise click.UsageError("--size/--checkpoint go with --reference; a build knows its model")
+        if size or checkpoint or weights != "checkpoint":
+            raise click.UsageError("--size/--checkpoint/--weights go with --reference; a build "
+                                   "knows its model")
+        if max_context is not None:
+            raise click.UsageError("--max-context goes with --reference: a build's context is "
+                                   "fixed when it is built (`g3export inspect BUILD_DIR` shows "
+                                   "it); rebuild with `g3export build ... --max-context N`")
         from .runtimes.loader import open_build
 
         session, tokenizer = open_build(build_dir, provider=provider)
@@ -228,7 +244,7 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Default: fp32 for onnx, bf16 for trt.")
-@click.option("--max-context", type=click.IntRange(1), default=None,
+@click.option("--max-context", type=TOKENS, default=None,
               help="KV-cache length (default: min(model maximum, 8192)).")
 @click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
               show_default=True)
@@ -242,14 +258,14 @@ def _images(cfg, images, pan_and_scan):
               type=click.Choice(list(RTX_COMPUTE_CAPABILITIES)),
               help="trt-rtx: GPU architectures the engine targets (repeatable; default: the "
                    "library's). Not 9.0: TensorRT-RTX does not target H100/H200.")
-@click.option("--prefill-chunk", type=click.IntRange(1), default=None,
+@click.option("--prefill-chunk", type=TOKENS, default=None,
               help="trt/trt-rtx: longest prefill chunk the engine accepts (default 512; native: "
                    "at most the sliding window).")
-@click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--max-batch", type=BATCH, default=1, show_default=True,
               help="trt/trt-rtx: largest batch of the engine's profiles.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="trt only: TensorRT timing cache file, read and updated (faster rebuilds).")
-@click.option("--components", default=None, metavar="LIST",
+@click.option("--components", type=TEXT, default=None, metavar="LIST",
               help="Comma-separated graphs to build: text, vision (default: every one the model "
                    "has). --components vision --weights random skips the text weights entirely.")
 @friendly
@@ -301,9 +317,9 @@ def inspect(build_dir, as_json):
 
 @main.command()
 @click.option("--size", type=SIZE, required=True)
-@click.option("--max-context", type=click.IntRange(1), default=None, help="Default: the model's maximum.")
+@click.option("--max-context", type=TOKENS, default=None, help="Default: the model's maximum.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bf16", show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch", type=BATCH, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(), default=None, help="Write a PNG of KV bytes against context.")
 @friendly
@@ -319,10 +335,10 @@ def plan(size, max_context, dtype, batch, as_json, plot):
 
 @main.command()
 @click.argument("build_dir", type=click.Path())
-@click.option("--prompt-len", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--prompt-len", type=TOKENS, default=512, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2, TOKENS.max), default=64, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--repeat", type=REPEAT, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def bench(build_dir, prompt_len, new_tokens, provider, repeat, as_json):

@@ -8,10 +8,12 @@ has); `Build.components` lists what a directory holds.
 
 Atomicity. `build()` writes everything into `<out>.partial-<pid>-<random>` (same parent, so the
 final rename is atomic on one filesystem); manifest.json is written last; only then is the
-directory renamed to `<out>`. With force, an existing `<out>` is moved aside only after the new
-build is complete, and removed after the rename. An interrupted build (exception, Ctrl-C) removes
-its partial dir; a killed one leaves a `.partial-` dir without a manifest, which `load_build`
-refuses and the next `build()` into the same `<out>` removes (when its pid is gone).
+directory renamed to `<out>`. g3export.export.outdir owns the directory handling: `--force`
+replaces only a g3export build, one build at a time (`<out>.lock`), crash-safe (an old build
+moved aside by a killed `--force` is put back by the next build or `load_build`). An interrupted
+build (exception, Ctrl-C, SIGTERM) removes its partial dir; a killed one leaves a `.partial-` dir
+without a manifest, which `load_build` refuses and the next `build()` into the same `<out>`
+removes (when its pid is gone).
 
 `load_build(dir)` (g3export.export.manifest) refuses a `.partial-` directory and anything else it
 cannot trust, with a `BuildError` whose message says what to do.
@@ -20,7 +22,6 @@ cannot trust, with a `BuildError` whose message says what to do.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -29,30 +30,10 @@ from typing import Any
 
 from ..dtypes import DTYPES
 from ..modeling.config import ModelConfig
-from .manifest import (PARTIAL_DIR, COMPONENTS, TARGETS, BuildError, Manifest, TensorRTSection,
+from .manifest import (COMPONENTS, TARGETS, BuildError, Manifest, TensorRTSection,
                        hash_files, package_version)
 
 __all__ = ["build"]
-
-
-def _clean_stale_partials(out: Path) -> None:
-    """Remove `<out>.partial-<pid>-*` siblings whose writer process is gone."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.iterdir():
-        m = PARTIAL_DIR.match(p.name)
-        if not m or m.group("name") != out.name or not p.is_dir():
-            continue
-        pid = int(m.group("pid"))
-        alive = True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive or pid == os.getpid():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
@@ -95,15 +76,13 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         engine_plan = plan_engines(cfg, target, dtype, max_context, images=images,
                                    **(trt_options or {}))
         export_options = {**engine_plan.export_options(), **(export_options or {})}
-    if out.exists() and not force:
-        raise BuildError(f"{out} already exists; pass --force to replace it (it is replaced only "
-                         "once the new build is complete)")
     if isinstance(tokenizer, (str, Path)) and not Path(tokenizer).is_file():
         raise BuildError(f"tokenizer file {tokenizer} not found")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    # --out/--force checks, the lock, recovery of a killed build, the partial dir, SIGTERM
+    from .outdir import OutputDir
+
+    od = OutputDir(out, force).open()
+    tmp = od.partial
     try:
         from .onnx_export import export_text
         from .onnx_vision import export_vision
@@ -145,17 +124,9 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
             export_seconds=round(export_s, 2), extra=extra_manifest or {})
         manifest.write(tmp)
         _fsync_dir(tmp)
-        if out.exists():  # force: swap only now that the new build is complete
-            old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        od.commit()  # crash-safe swap (g3export.export.outdir)
+    finally:
+        od.close()  # removes the partial dir if the build did not complete; unlocks
     return out
 
 

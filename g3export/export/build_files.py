@@ -20,6 +20,8 @@ from typing import Any
 
 from ..errors import BuildError
 
+MANIFEST = "manifest.json"  # the one file that makes a directory a g3export build
+
 
 @dataclass(frozen=True)
 class FileEntry:

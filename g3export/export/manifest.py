@@ -43,7 +43,8 @@ from ..errors import BuildError
 from ..modeling.cache import KVLayout, kv_layout
 from ..modeling.config import ModelConfig
 from . import manifest_schema as schema
-from .build_files import (FileEntry, check_files, hash_files, inside, rebuild_hint,  # noqa: F401
+from .outdir import SIBLING, recover
+from .build_files import (MANIFEST, FileEntry, check_files, hash_files, inside, rebuild_hint,  # noqa: F401
                           regular_file, sha256_file)
 
 __all__ = ["BuildError", "Build", "ComponentIO", "EngineEntry", "FileEntry", "FORMAT_VERSION",
@@ -51,12 +52,10 @@ __all__ = ["BuildError", "Build", "ComponentIO", "EngineEntry", "FileEntry", "FO
            "load_build", "sha256_file"]
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 ENGINE_TARGETS = ("trt", "trt-rtx")   # builds that hold TensorRT engines (export/trt FLAVOURS)
 TARGETS = ("onnx", *ENGINE_TARGETS)    # the CLI's --target choices read this
 COMPONENTS = ("text", "vision")
 MAX_MANIFEST_BYTES = 64 << 20          # a manifest is ~100 kB; refuse to read a huge one
-PARTIAL_DIR = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 def package_version(pkg: str) -> str | None:
@@ -333,11 +332,15 @@ def load_build(build_dir: str | Path, expect_target: str | None = None,
                check_hashes: bool = True, progress: bool = False) -> Build:
     """Open and check a build directory (see the module docstring); BuildError otherwise."""
     root = Path(build_dir)
-    m = PARTIAL_DIR.match(root.name)
+    m = SIBLING.match(root.name)
     if m:
-        raise BuildError(f"{root} is the leftover of an interrupted build (a '.partial-' directory); "
-                         f"delete it and run the build again (`g3export build ... --out "
-                         f"{root.parent / m.group('name')}`)")
+        raise BuildError(f"{root} is the leftover of an interrupted build (a '.{m.group('kind')}-' "
+                         f"directory); delete it and run the build again (`g3export build ... "
+                         f"--out {root.parent / m.group('name')}`)")
+    try:  # a build killed between the two renames of --force: put the old one back
+        recover(root)
+    except OSError:
+        pass
     if not root.is_dir():
         raise BuildError(f"build directory {root} does not exist; create it with "
                          f"`g3export build --size SIZE --target onnx --out {root}`")

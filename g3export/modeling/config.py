@@ -18,21 +18,18 @@ as they are.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-from ..errors import UserError
+
+from .validate import (ConfigError, read_float, read_ids, read_int, read_layer_types,
+                       read_mapping, read_str, where as _where)
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-
-
-class ConfigError(UserError, ValueError):
-    """A config that cannot describe a Gemma 3 model; the message says which field and why."""
 
 
 def bf16_round(x: float) -> float:
@@ -303,19 +300,28 @@ _HF_VISION_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _rope_from_params(p: Mapping[str, Any] | None, default_theta: float) -> RopeConfig:
-    p = dict(p or {})
+def _rope_from_params(p: Any, default_theta: float, what: str) -> RopeConfig:
+    p = read_mapping(p, what)
     kind = p.get("rope_type", p.get("type", "default"))
-    theta = float(p.get("rope_theta", default_theta))
+    theta = read_float({**p, "rope_theta": p.get("rope_theta", default_theta)}, "rope_theta", what)
     if kind == "default":
         return RopeConfig(theta)
     if kind == "linear":
-        return RopeConfig(theta, float(p["factor"]))
-    raise ConfigError(f"rope_type {kind!r} is not used by Gemma 3 (expected 'default' or 'linear')")
+        if "factor" not in p:
+            raise ConfigError(f"config field {what} has rope_type 'linear' but no factor")
+        return RopeConfig(theta, read_float(p, "factor", what))
+    raise ConfigError(f"rope_type {kind!r:.80} is not used by Gemma 3 (expected 'default' or 'linear')")
 
 
-def text_config_from_hf(d: Mapping[str, Any]) -> TextConfig:
-    """A TextConfig from a HF `gemma3_text` config dict (old or new key names, HF defaults filled)."""
+_TEXT_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+              "max_position_embeddings")
+
+
+def text_config_from_hf(d: Mapping[str, Any], section: str = "") -> TextConfig:
+    """A TextConfig from a HF `gemma3_text` config dict (old or new key names, HF defaults filled).
+    Every field is type- and range-checked (g3export.modeling.validate) before it is used."""
+    d = read_mapping(d, section or "the config", optional=False)
     g = {**_HF_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k in (
         "final_logit_softcapping", "attn_logit_softcapping", "rope_scaling")}}
     if g.get("attn_logit_softcapping") is not None:
@@ -323,70 +329,87 @@ def text_config_from_hf(d: Mapping[str, Any]) -> TextConfig:
                           "g3export does not implement it")
     if g.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention=True is an embedding model, not a Gemma 3 decoder")
-    layers = int(g["num_hidden_layers"])
-    layer_types = g.get("layer_types") or pattern_layer_types(layers, int(g["sliding_window_pattern"]))
+    ints = {k: read_int(g, k, section) for k in _TEXT_INTS}
+    layers = ints["num_hidden_layers"]
+    layer_types = (read_layer_types(g["layer_types"], layers, section) if g.get("layer_types")
+                   else pattern_layer_types(layers, read_int(g, "sliding_window_pattern", section)))
+    theta = read_float(g, "rope_theta", section)
+    local_theta = read_float(g, "rope_local_base_freq", section)
     # Newer configs: rope_parameters keyed by layer type. Older: rope_theta / rope_local_base_freq /
     # rope_scaling, where rope_scaling applies to the full-attention layers only (as in HF).
-    params = g.get("rope_parameters")
+    params = read_mapping(g.get("rope_parameters"), _where("rope_parameters", section))
     if params and (SLIDING in params or FULL in params):
-        rope = {FULL: _rope_from_params(params.get(FULL), g["rope_theta"]),
-                SLIDING: _rope_from_params(params.get(SLIDING), g["rope_local_base_freq"])}
+        rope = {FULL: _rope_from_params(params.get(FULL), theta, f"rope_parameters.{FULL}"),
+                SLIDING: _rope_from_params(params.get(SLIDING), local_theta,
+                                           f"rope_parameters.{SLIDING}")}
     else:
+        scaling = read_mapping(g["rope_scaling"], _where("rope_scaling", section))
         if params:  # a flat rope_parameters dict is the full layers' (HF standardization)
-            g["rope_scaling"], g["rope_theta"] = params, params.get("rope_theta", g["rope_theta"])
-        rope = {FULL: _rope_from_params({"rope_theta": g["rope_theta"], **(g["rope_scaling"] or {})},
-                                        g["rope_theta"]),
-                SLIDING: RopeConfig(float(g["rope_local_base_freq"]))}
-    eos = g["eos_token_id"]
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+            scaling, theta = params, params.get("rope_theta", theta)
+        rope = {FULL: _rope_from_params({"rope_theta": theta, **scaling}, theta,
+                                        _where("rope_scaling", section)),
+                SLIDING: RopeConfig(local_theta)}
     # Stop at <end_of_turn> too: the chat template ends every turn with it (IT configs list both).
-    eos = tuple(dict.fromkeys((*eos, 1, 106)))
+    eos = tuple(dict.fromkeys((*read_ids(g, "eos_token_id", section), 1, 106)))
     return TextConfig(
-        vocab_size=int(g["vocab_size"]), hidden_size=int(g["hidden_size"]),
-        intermediate_size=int(g["intermediate_size"]), num_hidden_layers=layers,
-        num_attention_heads=int(g["num_attention_heads"]),
-        num_key_value_heads=int(g["num_key_value_heads"]), head_dim=int(g["head_dim"]),
-        query_pre_attn_scalar=float(g["query_pre_attn_scalar"]),
-        sliding_window=int(g["sliding_window"]), layer_types=tuple(layer_types), rope=rope,
-        max_position_embeddings=int(g["max_position_embeddings"]),
-        rms_norm_eps=float(g["rms_norm_eps"]), hidden_activation=g["hidden_activation"],
-        final_logit_softcapping=g.get("final_logit_softcapping"),
-        bos_token_id=int(g["bos_token_id"]), eos_token_ids=eos, pad_token_id=int(g["pad_token_id"]))
+        **ints, layer_types=layer_types, rope=rope,
+        query_pre_attn_scalar=read_float(g, "query_pre_attn_scalar", section),
+        rms_norm_eps=read_float(g, "rms_norm_eps", section),
+        hidden_activation=read_str(g, "hidden_activation", section),
+        final_logit_softcapping=read_float(g, "final_logit_softcapping", section, optional=True),
+        bos_token_id=read_int(g, "bos_token_id", section, lo=0), eos_token_ids=eos,
+        pad_token_id=read_int(g, "pad_token_id", section, lo=0))
 
 
 def vision_config_from_hf(d: Mapping[str, Any]) -> VisionConfig:
+    d = read_mapping(d, "vision_config", optional=False)
     g = {**_HF_VISION_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if g.get("vision_use_head"):
         raise ConfigError("vision_use_head=True: Gemma 3's SigLIP has no pooling head")
-    return VisionConfig(**{f.name: g[f.name] for f in dataclasses.fields(VisionConfig)})
+    ints = {k: read_int(g, k, "vision_config") for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "image_size", "patch_size", "num_channels")}
+    return VisionConfig(**ints, layer_norm_eps=read_float(g, "layer_norm_eps", "vision_config"),
+                        hidden_act=read_str(g, "hidden_act", "vision_config"))
+
+
+def _token_id(d: Mapping[str, Any], keys: tuple[str, str], default: int) -> int:
+    for k in keys:
+        if d.get(k) is not None:
+            return read_int(d, k, lo=0)
+    return default
 
 
 def config_from_hf(d: Mapping[str, Any], name: str = "checkpoint") -> ModelConfig:
-    """A ModelConfig from a HF config.json dict: `gemma3_text` (CausalLM) or `gemma3` (multimodal)."""
+    """A ModelConfig from a HF config.json dict: `gemma3_text` (CausalLM) or `gemma3` (multimodal).
+    Anything that is not a Gemma 3 config of sane types and sizes is a ConfigError naming the
+    field (g3export.modeling.validate)."""
+    d = read_mapping(d, "the config (top level)", optional=False)
     model_type = d.get("model_type")
     if model_type == "gemma3_text":
         return ModelConfig(name, text_config_from_hf(d))
     if model_type == "gemma3":
-        text = text_config_from_hf(d.get("text_config") or {})
+        text = text_config_from_hf(d.get("text_config") or {}, "text_config")
         vision = vision_config_from_hf(d.get("vision_config") or {})
+        mm = d.get("mm_tokens_per_image")
         return ModelConfig(
             name, text, vision,
-            mm_tokens_per_image=int(d.get("mm_tokens_per_image") or 256),
-            boi_token_id=int(d.get("boi_token_index", d.get("boi_token_id")) or 255999),
-            eoi_token_id=int(d.get("eoi_token_index", d.get("eoi_token_id")) or 256000),
-            image_token_id=int(d.get("image_token_index", d.get("image_token_id")) or 262144))
-    raise ConfigError(f"model_type {model_type!r} is not Gemma 3 (expected 'gemma3_text' or 'gemma3')")
+            mm_tokens_per_image=256 if mm is None else read_int(d, "mm_tokens_per_image"),
+            boi_token_id=_token_id(d, ("boi_token_index", "boi_token_id"), 255999),
+            eoi_token_id=_token_id(d, ("eoi_token_index", "eoi_token_id"), 256000),
+            image_token_id=_token_id(d, ("image_token_index", "image_token_id"), 262144))
+    raise ConfigError(f"model_type {model_type!r:.80} is not Gemma 3 (expected 'gemma3_text' or "
+                      "'gemma3')")
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    """Read `config.json` from a checkpoint directory (or the file itself): a regular UTF-8 file
+    holding a JSON object (g3export.userfiles: a FIFO or a device is refused, never opened)."""
+    from ..userfiles import read_json_object
+
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p} not found: a HF checkpoint directory needs its config.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p} is not valid JSON ({e}); the checkpoint looks corrupt") from None
-    return config_from_hf(d, name=p.parent.name)
+    if not p.exists():
+        raise ConfigError(f"{p} not found: a HF checkpoint directory needs its config.json")
+    return config_from_hf(read_json_object(p, ConfigError, "config file"), name=p.parent.name)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .generate import generate
+from .generate import GenerationError, generate
 from .loader import open_build
 
 
@@ -23,8 +23,9 @@ def bench(build_dir, prompt_len: int = 512, new_tokens: int = 64, provider: str 
     load_s = time.perf_counter() - t0
     cfg = session.config
     if prompt_len + new_tokens > session.max_context:
-        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the build's "
-                         f"max_context {session.max_context}")
+        raise GenerationError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the "
+                              f"build's max_context {session.max_context}; use smaller ones, or "
+                              "rebuild with a larger `g3export build --max-context`")
     rng = np.random.default_rng(0)
     # ordinary text tokens: above the control/special ids (the first 1000 of Gemma's vocabulary),
     # below the image/unused ranges; tiny test vocabularies just skip bos/eos/pad

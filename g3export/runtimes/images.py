@@ -64,11 +64,9 @@ def load_image(path: str | Path):
     """Open, fully decode and convert one image file to RGB (see the module docstring)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ImageError(f"image file {p} does not exist; check the path")
-    if p.is_dir():
-        raise ImageError(f"{p} is a directory, not an image file; give the path of an image")
+    from ..userfiles import require_regular_file
+
+    p = require_regular_file(Path(path).expanduser(), ImageError, "image file")  # no FIFO/device
     try:
         size = p.stat().st_size
     except OSError as e:

@@ -50,6 +50,40 @@ class ProviderError(UserError, RuntimeError):
     """The requested execution provider is not available in this onnxruntime."""
 
 
+def _ort_error(e: Exception) -> bool:
+    """An exception raised by ONNX Runtime itself (its pybind errors: Fail, InvalidArgument,
+    InvalidGraph, NoSuchFile, ... derive from Exception only, so they are told by module)."""
+    return type(e).__module__.startswith("onnxruntime") and not isinstance(e, UserError)
+
+
+def inference_session(path: str | Path, so, providers):
+    """ort.InferenceSession over a graph of a build, ORT's errors as a BuildError naming it."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:
+        if not _ort_error(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BuildError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {first}); the "
+                         "build is damaged or was written by another version: rebuild it with "
+                         "`g3export build ... --force`") from e
+
+
+def run_graph(path, fn, *args):
+    """fn(*args) (a session run), ORT's errors as a BuildError: inputs that match the manifest
+    but not the graph mean the two disagree."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if not _ort_error(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BuildError(f"ONNX Runtime failed running {path} ({type(e).__name__}: {first}); its "
+                         "manifest and graph disagree or the build is damaged: rebuild it") from e
+
+
 class VisionUnavailable(BuildError):
     """image_features() on a build without a vision component."""
 
@@ -63,15 +97,14 @@ class OrtVision:
 
     def __init__(self, path: str | Path, io, provider: str = "cpu", threads: int | None = None,
                  spinning: bool | None = None, max_batch: int = 4):
-        import onnxruntime as ort
-
         self.io = io
         self.max_batch = max_batch
         self.provider, self.device = resolve_provider(provider)
         providers = [self.provider] if self.provider == "CPUExecutionProvider" else [
             self.provider, "CPUExecutionProvider"]
-        self.sess = ort.InferenceSession(str(path), session_options(threads, None, None, spinning),
-                                         providers=providers)
+        self.path = path
+        self.sess = inference_session(path, session_options(threads, None, None, spinning),
+                                      providers)
         self.shape = tuple(io.input("pixel_values").shape[1:])
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -79,7 +112,8 @@ class OrtVision:
         if px.ndim != 4 or tuple(px.shape[1:]) != self.shape or px.shape[0] < 1:
             raise ValueError(f"pixel_values must be [images >= 1, {', '.join(map(str, self.shape))}]"
                              f", got {list(px.shape)}")
-        outs = [self.sess.run(["image_features"], {"pixel_values": px[i:i + self.max_batch]})[0]
+        outs = [run_graph(self.path, self.sess.run, ["image_features"],
+                          {"pixel_values": px[i:i + self.max_batch]})[0]
                 for i in range(0, px.shape[0], self.max_batch)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
@@ -185,7 +219,7 @@ class OrtSession(Session):
         so = session_options(threads, so_path, profile, spinning)
         providers = [self.provider] if self.provider == "CPUExecutionProvider" else [
             self.provider, "CPUExecutionProvider"]
-        self.sess = ort.InferenceSession(model_path, so, providers=providers)
+        self.sess = inference_session(model_path, so, providers)
 
         # numpy dtype with the cache's element size, and the ONNX element type (bf16 has no numpy
         # dtype: its buffers are uint16 arrays reinterpreted as bfloat16, no copy)
@@ -322,7 +356,7 @@ class OrtSession(Session):
             spec = self.io.input("image_features")  # bf16: float32 as before (no numpy bf16)
             np_dt = ONNX_NUMPY[spec.dtype] if spec.dtype != "bfloat16" else np.float32
             b.bind_cpu_input("image_features", np.ascontiguousarray(feats, dtype=np_dt))
-        self.sess.run_with_iobinding(b)
+        run_graph(self.io.file, self.sess.run_with_iobinding, b)
         if self._logits is not None:
             # a copy: the bound buffer is overwritten by the next step ([B, V] floats, small)
             return np.array(self._logits.numpy()[:, -1, :])

@@ -14,6 +14,8 @@ from .session import Session
 
 
 class TorchSession(Session):
+    context_hint = "use a larger --max-context"
+
     def __init__(self, model: Gemma3Model, max_context: int, batch: int = 1):
         self.model = model.eval()
         self.config = model.config

@@ -2,13 +2,28 @@
 
 Follows transformers' order of logits processing: temperature, then top-k, then top-p (keep the
 smallest set of most likely tokens whose probability reaches top_p; the most likely always stays).
+
+Numerics: the row is shifted by its maximum BEFORE dividing by the temperature, (x - max) / T, so
+every scaled logit is <= 0 and the most likely one is exactly 0: exp() never overflows and the sum
+is >= 1 for any finite temperature > 0, including denormal ones (x / 1e-320 is inf, and inf - inf
+is the NaN that broke sampling before). Logits must be finite (the generation loop checks them).
+Bad settings are a SamplingError (a UserError): temperature must be finite and > 0, top_p a finite
+number in (0, 1], top_k >= 0, seed >= 0 (numpy refuses negative seeds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+
+from ..errors import UserError
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling setting that cannot be used; the message says which and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -20,12 +35,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use --greedy for argmax)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SamplingError(f"temperature must be a finite number > 0, got {self.temperature} "
+                                "(use --greedy for argmax)")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:
+            raise SamplingError(f"seed must be >= 0, got {self.seed}")
 
 
 class Sampler:
@@ -40,12 +58,14 @@ class Sampler:
         return np.array([self._sample_row(row) for row in logits], dtype=np.int64)
 
     def _sample_row(self, row: np.ndarray) -> int:
-        x = row.astype(np.float64) / self.cfg.temperature
+        x = row.astype(np.float64)
+        with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: wanted
+            x = (x - x.max()) / self.cfg.temperature  # <= 0, max exactly 0: module docstring
         k = self.cfg.top_k
         if 0 < k < x.size:
             kth = np.partition(x, -k)[-k]
             x = np.where(x < kth, -np.inf, x)
-        p = np.exp(x - x.max())
+        p = np.exp(x)
         p /= p.sum()
         if self.cfg.top_p < 1.0:
             order = np.argsort(-p, kind="stable")

@@ -30,6 +30,8 @@ class Session(ABC):
     prefill_chunk: int | None = None  # the longest chunk the graph accepts (a TensorRT profile)
     chunk_align: int | None = None    # no chunk may cross a multiple of this (the native TensorRT
     #                                   translation: a chunk must not wrap a sliding layer's ring)
+    # What to say when a prompt does not fit: a build's context is fixed when it is built.
+    context_hint: str = "rebuild with a larger `g3export build --max-context`"
 
     @property
     @abstractmethod

@@ -116,9 +116,12 @@ def _from_gguf(path: Path) -> _Backend:
 def _from_sentencepiece(path: Path) -> _Backend:
     from sentencepiece import sentencepiece_model_pb2
 
+    from ..userfiles import read_regular_file
+
     proto = sentencepiece_model_pb2.ModelProto()
+    data = read_regular_file(path, TokenizerError, "tokenizer file")
     try:
-        proto.ParseFromString(path.read_bytes())
+        proto.ParseFromString(data)
     except Exception as e:
         raise TokenizerError(f"{path} is not a SentencePiece model ({e})") from None
     if proto.trainer_spec.model_type != 2:  # BPE
@@ -167,6 +170,9 @@ class Tokenizer:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Tokenizer":
+        from ..userfiles import require_regular_file
+
+        require_regular_file(path, TokenizerError, "tokenizer file")  # a FIFO would block
         try:
             return cls(_Backend.from_file(str(path)))
         except Exception as e:
@@ -189,6 +195,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; with add_bos, exactly one leading <bos> (kept if already there)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8
+            raise TokenizerError(f"the text is not valid Unicode (a lone surrogate at character "
+                                 f"{e.start}: bytes that were not UTF-8); pass UTF-8 text") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
