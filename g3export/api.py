@@ -70,6 +70,7 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
             print(f"warning: {FP16_NOTE}", file=sys.stderr)
     from .dtypes import NAMES
     from .export.build import build as do_build
+    from .export.outdir import check_out
     from .modeling.config import preset
     from .modeling.weights import open_weights
 
@@ -81,10 +82,7 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
                           f"{preset(size).text.max_position_embeddings}")
     comps = tuple(components) if components else None
     # The model stays on the meta device: its weights stream from the source into the build's
-    # files (DESIGN §3.6), so memory does not grow with the model.
-    if progress:
-        what = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
-        print(f"reading {what} weights (streamed into the build as {dtype}) ...", file=sys.stderr)
+    # files (DESIGN §3.6), so memory does not grow with the model. Opening reads headers only.
     model, source = open_weights(size, checkpoint=checkpoint, weights=weights,
                                  all_logits=all_logits)
     cfg = model.config
@@ -92,8 +90,9 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
         raise OptionError(f"--max-context {max_context} is beyond the model's "
                           f"{cfg.text.max_position_embeddings}")
     ctx = max_context or min(cfg.text.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    tokenizer = tokenizer_for(size, checkpoint, weights)
     out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
+    check_out(out, force)  # refuse a wrong --out before any work (checked again under the lock)
+    tokenizer = tokenizer_for(size, checkpoint, weights)
     return do_build(model, tokenizer, out, target=target, dtype=dtype, max_context=ctx,
                     force=force, trt_options=trt_options, components=comps, progress=progress,
                     weights=source)

@@ -203,8 +203,10 @@ def run(build_dir, reference, size, checkpoint, weights, max_context, provider, 
         if ctx > cfg.text.max_position_embeddings:
             raise click.UsageError(f"--max-context {ctx} is beyond the model's "
                                    f"{cfg.text.max_position_embeddings}")
+        from .modeling.cache import kv_layout
         from .modeling.memory import require_memory
-        require_memory(cfg.text.kv_cache_bytes(ctx, dtype_bytes=4), f"a KV cache of {ctx} tokens")
+
+        require_memory(kv_layout(cfg.text, ctx, 1, "fp32").bytes, f"a KV cache of {ctx} tokens")
         session = TorchSession(model, max(ctx, 1))
     else:
         if not build_dir:

@@ -32,8 +32,12 @@ one. SIGINT/SIGTERM are blocked during these steps. A kill -9 between the two re
 build; a `.old-` sibling left after a completed swap, or a `.partial-` one of a dead writer, is
 removed.
 
-SIGTERM during a build raises `BuildInterrupted` (a KeyboardInterrupt, like Ctrl-C) so the same
-cleanup runs: the partial directory is removed, nothing else changed.
+SIGTERM during a build cleans up in the handler itself and then ends the process by that signal:
+the partial directory is removed and the lock released, nothing else changed, one line on stderr.
+(Raising an exception from the handler, as Python does for Ctrl-C, is not enough: the handler may
+run inside a callback from a C++ extension (onnx's nanobind bindings during the export), and an
+exception crossing those frames aborts the process with a C++ "terminate" and a traceback; a
+killed build's partial directory is then only removed by the next build.)
 """
 
 from __future__ import annotations
@@ -61,10 +65,6 @@ _LOCK_MARK = b"g3export build lock\n"
 
 class OutDirError(BuildError):
     """An output directory that cannot be written or replaced; the message says what to do."""
-
-
-class BuildInterrupted(KeyboardInterrupt):
-    """SIGTERM during a build: unwinds like Ctrl-C so the partial directory is removed."""
 
 
 def is_build_dir(path: Path) -> bool:
@@ -264,8 +264,11 @@ class OutputDir:
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def on_term(signum, frame):
-            raise BuildInterrupted(f"terminated by signal {signum}")
+        def on_term(signum, frame):  # see the module docstring
+            self.close()
+            os.write(2, b"Error: build terminated (SIGTERM); its partial directory was removed\n")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
         self._old_handler = signal.signal(signal.SIGTERM, on_term)
 

@@ -72,7 +72,7 @@ def require_memory(nbytes: int, what: str) -> None:
 def require_weight_memory(size: str | None, checkpoint=None, dtype: str = "fp32") -> None:
     """require_memory for the weights of a preset or a checkpoint (its config is read from the
     headers only), before build_model materializes them."""
-    from .cache import DTYPE_BYTES
+    from ..dtypes import DTYPES
     from .config import preset
 
     if checkpoint:
@@ -80,4 +80,4 @@ def require_weight_memory(size: str | None, checkpoint=None, dtype: str = "fp32"
         cfg = resolve_checkpoint(checkpoint)[0]
     else:
         cfg = preset(size)
-    require_memory(param_count(cfg) * DTYPE_BYTES[dtype], f"model {cfg.name!r} ({dtype} weights)")
+    require_memory(param_count(cfg) * DTYPES[dtype].bytes, f"model {cfg.name!r} ({dtype} weights)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from g3export.export.build import BuildError, load_build
+from g3export.export.manifest import BuildError, load_build
 from g3export.export.outdir import OutputDir, is_build_dir, recover
 
 from .conftest import ROOT, assert_refused, cli, invoke, snapshot
