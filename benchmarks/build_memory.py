@@ -52,17 +52,19 @@ def _tree_rss(pid: int) -> int:
 
 
 def measure(args: list[str], out: Path, interval: float = 0.2) -> dict:
+    log = out.parent / (out.name + ".log")  # a file, not a pipe: progress bars fill a pipe
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "g3export.cli", "build", *args, "--out",
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
-        time.sleep(interval)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "g3export.cli", "build", *args, "--out",
+                                 str(out)], stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(interval)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise SystemExit(f"build {' '.join(args)} failed:\n{err[-3000:]}")
+        raise SystemExit(f"build {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
+    log.unlink()
     data = sum(p.stat().st_size for p in out.glob("*.data"))
     shutil.rmtree(out)
     return {"args": " ".join(args), "peak_rss_bytes": peak, "wall_s": round(wall, 1),

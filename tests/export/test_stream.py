@@ -84,6 +84,19 @@ def test_streamed_hf_build_equals_materialised(hf_tiny_causal, tmp_path):
     assert _data(a) == _data(b)
 
 
+def test_streamed_gguf_build_equals_materialised(hf_tiny_causal, tmp_path):
+    """A GGUF (Q8_0 weights, llama.cpp's 1 + w norms) dequantized per block while streaming
+    writes what the build of the loaded model writes."""
+    from tests.modeling.test_weights import _write_gguf
+
+    path = _write_gguf(tmp_path / "tiny.gguf", hf_tiny_causal[0])
+    a = build(build_model(checkpoint=path), None, tmp_path / "a", max_context=MAX_CONTEXT,
+              progress=False)
+    model, src = open_weights(checkpoint=path)
+    b = build(model, None, tmp_path / "b", max_context=MAX_CONTEXT, progress=False, weights=src)
+    assert _data(a) == _data(b)
+
+
 def test_streamed_multimodal_builds_equal_materialised(models, tmp_path):
     """Gemma3ForConditionalGeneration as transformers saved it and in Hub naming
     (`vision_tower.vision_model.*`): streamed text and vision weights equal the loaded model's."""
