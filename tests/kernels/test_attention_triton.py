@@ -192,9 +192,9 @@ def _expected_tiles(start, t, s, ig, window, bm, bn):
     """From the reference mask: per (query tile), how many BN-aligned key tiles (old cache in
     position order, then chunk keys) hold at least one visible key for some query of the tile."""
     from g3export.modeling.attention import attention_mask, old_slot_positions
-    sp = torch.tensor(start)
+    sp = torch.tensor([start])
     mask = attention_mask(sp, t, s, ig, window)[0]  # [T, S + T] (batch row 0)
-    p_old = old_slot_positions(sp, s)
+    p_old = old_slot_positions(sp, s)[0]
     res = []
     for m0 in range(0, t, bm):
         rows = mask[m0:m0 + bm]
