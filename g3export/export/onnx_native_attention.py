@@ -98,23 +98,28 @@ def g3_attention_native(q, k, v, k_cache, v_cache, start_pos, image_groups, wind
 
     t_q = op.Shape(q, start=2, end=3)                          # [1] T
     t_s = op.Squeeze(t_q, zero)
-    start4 = op.Unsqueeze(start_pos, _ints(1, 2, 3))            # [B,1,1,1], one start per row
+    start_col = op.Unsqueeze(start_pos, one)                    # [B,1], one start per row
     u = op.Range(_int(0), t_s, _int(1))                         # [T] offsets in the chunk
     u_q, u_k = op.Unsqueeze(u, one), op.Unsqueeze(u, zero)      # [T,1], [1,T]
 
-    # old slots: position held by each, visible iff filled (and inside the window); built 4-D
-    # per row from the start (see the chunk keys below for why no Unsqueeze follows a Concat)
-    last = op.Sub(start4, _int(1))                              # [B,1,1,1]
+    # old slots: position held by each, visible iff filled (and inside the window), per row
+    last = op.Sub(start_col, _int(1))                           # [B,1]
     s_idx = op.Range(_int(0), _int(slots), _int(1))             # [S]
-    p_old = op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots)))  # [B,1,1,S]
-    pos_q = op.Add(start4, u_q)                                 # [B,1,T,1]
+    p_old = op.Unsqueeze(op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots))), one)  # [B,1,S]
+    pos_q = op.Unsqueeze(op.Add(start_col, u_k), _ints(2))      # [B,T,1]
     # p_s <= pos_q always holds for a filled slot (old positions precede the chunk), but the
     # full layers' mask must depend on the query like the sliding one: with a [1,S] old-slot
     # mask, TensorRT-RTX 1.7 fails to build two full layers in bf16/fp16 (Myelin: "Graph
     # contains more than one op named ..._iota"; measured, fp32 decomposed builds are fine).
-    old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)), op.LessOrEqual(p_old, pos_q))  # [B,1,T,S]
+    old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)), op.LessOrEqual(p_old, pos_q))  # [B,T,S]
     if sliding:
-        old_ok = op.And(old_ok, op.Greater(p_old, op.Sub(pos_q, _int(window))))  # [B,1,T,S]
+        old_ok = op.And(old_ok, op.Greater(p_old, op.Sub(pos_q, _int(window))))  # [B,T,S]
+    b_dim = op.Shape(q, start=0, end=1)                         # [1] B
+    old_shape = op.Concat(b_dim, one, t_q, _ints(slots), axis=0)  # [B,1,T,S]
+    # The Expand is a no-op on the shape, but without it (old_ok = Unsqueeze(And(...)) straight
+    # into the Concat) TensorRT-RTX 1.7 fails the bf16/fp16 build with two full layers (the same
+    # Myelin "more than one op named <mask>_iota"; measured, tests/export/test_trt.py).
+    old_ok = op.Expand(op.Unsqueeze(old_ok, one), old_shape)    # [B,1,T,S]
 
     # chunk keys: causal, OR same image, AND (sliding) within the window. Built 4-D from the
     # start ([.., 1, T, ..]: the head axis) so no Unsqueeze follows the Concat: TensorRT-RTX 1.7's
