@@ -192,3 +192,28 @@ def test_background_thread_serves_concurrent_clients(model, build_dir):
     for i, p in enumerate(prompts):
         want = generate(single, p, 6, stop_ids=[], chunk_size=CHUNK)
         assert results[i] == (want.token_ids, want.stop_reason, None)
+
+
+def test_ort_forward_row_touches_only_its_row(build_dir):
+    """forward_row binds row r's slice of each cache buffer by address: the other rows' bytes are
+    unchanged, row r's changed, the buffers are the same arrays (no copy, no reallocation), and
+    the logits equal the batched forward of the same chunk in that row."""
+    sess = OrtSession.from_build(build_dir, batch=3, threads=1)
+    rng = np.random.default_rng(4)
+    sess.forward(rng.integers(2, 500, size=(3, 12)), np.array([0, 0, 0]))
+    before = [a.copy() for a in sess.cache_arrays]
+    ptrs = [a.__array_interface__["data"][0] for a in sess.cache_arrays]
+    chunk = rng.integers(2, 500, size=(1, 5))
+    got = sess.forward_row(1, chunk, 12)
+    after = sess.cache_arrays
+    assert [a.__array_interface__["data"][0] for a in after] == ptrs
+    for b, a in zip(before, after):
+        assert np.array_equal(b[[0, 2]], a[[0, 2]])
+    assert any(not np.array_equal(b[1], a[1]) for b, a in zip(before, after))
+    # the same chunk through the batched graph in row 1 (rows 0 and 2 restarted at 0: ignored)
+    for b, a in zip(before, after):
+        a[...] = b
+    ids = np.zeros((3, 5), dtype=np.int64)
+    ids[1] = chunk[0]
+    want = sess.forward(ids, np.array([0, 12, 0]))[1:2]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
