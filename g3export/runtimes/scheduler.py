@@ -14,8 +14,9 @@ The session's `batch` rows are sequence slots; each request holds one from its f
 chunk to its last token. A step is:
 1. cancelled requests (running or queued) end with "cancelled" and free their slots;
 2. queued requests take free slots (first come, first served);
-3. ONE prefill chunk of one joining request runs with `forward_row` (its row only), the joining
-   requests taking turns in order of arrival; the chunk that ends a prompt gives the first token;
+3. ONE prefill chunk of one joining request runs with `forward_row` (its row only); joining
+   requests are prefilled one after another in order of arrival (the oldest first: lower mean
+   time to first token than alternating); the chunk that ends a prompt gives the first token;
 4. ONE decode step runs all rows with `forward` (T = 1, each row at its own position) when any
    request is decoding.
 So a long prompt is prefilled one chunk per step while the running requests keep decoding, a
