@@ -43,6 +43,7 @@ from ..errors import BuildError
 from ..modeling.cache import KVLayout, kv_layout
 from ..modeling.config import ModelConfig
 from . import manifest_schema as schema
+from .graph_io import ComponentIO, TensorSpec, text_io, vision_io
 from .outdir import SIBLING, recover
 from .build_files import (MANIFEST, FileEntry, check_files, hash_files, inside, rebuild_hint,  # noqa: F401
                           regular_file, sha256_file)
@@ -69,56 +70,6 @@ def package_version(pkg: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # The graph I/O contract, as data
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str                          # numpy-style name: int64, float32, float16, bfloat16
-    shape: tuple[int | str, ...]        # str = symbolic dim
-    aliases: str | None = None          # output only: the input whose buffer it shares
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "aliases": self.aliases}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "tensor") -> "TensorSpec":
-        return cls(**schema.tensor_spec(d, where))
-
-
-@dataclass(frozen=True)
-class ComponentIO:
-    """One component's graph: its file and its inputs/outputs (names, dtypes, symbolic shapes,
-    which output aliases which input)."""
-
-    name: str
-    file: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
-    def output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
-
-    def present(self, past: str) -> str:
-        """The output that aliases input `past` (its in-place update)."""
-        return next(t.name for t in self.outputs if t.aliases == past)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.file, "options": dict(self.options),
-                "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "component") -> "ComponentIO":
-        c = schema.component(d, where)
-        return cls(c["name"], c["file"],
-                   tuple(TensorSpec(**t) for t in c["inputs"]),
-                   tuple(TensorSpec(**t) for t in c["outputs"]), c["options"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +227,7 @@ class Manifest:
             created=schema.get(d, "created", "str|null", default=None), versions=dict(versions),
             export_seconds=schema.get(d, "export_seconds", "number|null", default=None),
             extra=dict(schema.get(d, "extra", "object", default={})))
-        schema.check_agreement(man, schema.get(d, "kv_layout", "object"))
+        schema.check_agreement(man, schema.get(d, "kv_layout", "object"), lambda: _contracts(man))
         return man
 
     def write(self, directory: Path) -> None:
@@ -386,3 +337,19 @@ def read_manifest(root: Path) -> Manifest:
 
 def short_version(v: Any) -> str:
     return v if isinstance(v, str) and len(v) < 40 else "(unknown version)"
+
+
+def _contracts(man: "Manifest") -> dict[str, ComponentIO]:
+    """The I/O each of the build's components must have for its model, dtype and context (the
+    batch dimension and the text graph's options are the graph's own)."""
+    out = {}
+    text = man.components.get("text")
+    if text is not None:
+        ids = [s for s in text.inputs if s.name == "input_ids"]
+        b = ids[0].shape[0] if ids and ids[0].shape else "batch"
+        out["text"] = text_io(man.model, man.max_context, man.dtype,
+                              bool(text.options.get("all_logits")), bool(text.options.get("images")),
+                              b if isinstance(b, int) else None, text.file)
+    if "vision" in man.components and man.model.has_vision:
+        out["vision"] = vision_io(man.model, man.dtype, man.components["vision"].file)
+    return out

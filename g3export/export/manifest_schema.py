@@ -163,7 +163,9 @@ def model_config(d: Any) -> ModelConfig:
 # the parts must agree with each other
 
 
-def check_agreement(man: Any, recorded_kv: dict) -> None:
+def check_agreement(man: Any, recorded_kv: dict, contracts: Any) -> None:
+    """contracts(): {component: the ComponentIO this model's graph has (export/graph_io)},
+    called once the KV layout is known to fit."""
     cfg, t = man.model, man.model.text
     try:
         layout = man.kv_layout
@@ -173,6 +175,7 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
         fail("kv_layout", f"is not the layout of this model at max_context {man.max_context} "
                            f"and dtype {man.dtype}")
     mdt = DTYPES[man.dtype].onnx_name
+    want = contracts()
     text = man.components.get("text")
     if text is not None:
         ins, outs = {s.name: s for s in text.inputs}, {s.name: s for s in text.outputs}
@@ -202,7 +205,7 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
             fail("components.text.options.images", "disagrees with the graph's inputs")
         if bool(text.options.get("all_logits")) != (logits.shape[1:2] == ("seq",)):
             fail("components.text.options.all_logits", "disagrees with the logits' shape")
-        _same_io("components.text", text, _text_contract(text, layout, t, mdt))
+        _same_io("components.text", text, want["text"])
     vision = man.components.get("vision")
     if vision is not None:
         if not cfg.has_vision:
@@ -212,11 +215,7 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
         if feats.shape[-2:] != (cfg.mm_tokens_per_image, t.hidden_size):
             fail("components.vision.outputs.image_features", f"is {list(feats.shape)}, not "
                   f"[images, {cfg.mm_tokens_per_image}, {t.hidden_size}]")
-        v = cfg.vision
-        _same_io("components.vision", vision, (
-            {"pixel_values": ("float32", ("images", v.num_channels, v.image_size, v.image_size),
-                              None)},
-            {"image_features": (mdt, ("images", cfg.mm_tokens_per_image, t.hidden_size), None)}))
+        _same_io("components.vision", vision, want["vision"])
     trt = man.tensorrt
     if (trt is None) != (man.target == "onnx"):
         fail("tensorrt", "is missing (a TensorRT build)" if trt is None else
@@ -230,27 +229,12 @@ def check_agreement(man: Any, recorded_kv: dict) -> None:
                 fail(f"tensorrt.engines.{k}", "names a component the build does not have")
 
 
-def _text_contract(text: Any, layout: Any, t: Any, mdt: str) -> tuple[dict, dict]:
-    """The text graph's I/O contract (g3export.export.onnx_export's table) for this model:
-    ({input: (dtype, shape, None)}, {output: (dtype, shape, aliases)}), where an aliasing output
-    is keyed by the input it aliases (its name is free). The batch dim is the graph's own
-    (symbolic, or fixed at export)."""
-    b = text.input("input_ids").shape[:1]
-    ins = {"input_ids": ("int64", (*b, "seq"), None), "start_pos": ("int64", (1,), None)}
-    if text.options.get("images"):
-        ins["image_features"] = (mdt, ("image_tokens", t.hidden_size), None)
-    outs = {"logits": ("float32", (*b, "seq" if text.options.get("all_logits") else 1,
-                                   t.vocab_size), None)}
-    for lc in layout.layers:
-        for past in (lc.k_name, lc.v_name):
-            ins[past] = (mdt, (*b, *lc.shape[1:]), None)
-            outs[past] = (mdt, (*b, *lc.shape[1:]), past)
-    return ins, outs
-
-
-def _same_io(where: str, io: Any, contract: tuple[dict, dict]) -> None:
-    """io's inputs and outputs are exactly `contract` (no more, no fewer, same dtypes/shapes)."""
-    ins, outs = contract
+def _same_io(where: str, io: Any, contract: Any) -> None:
+    """io's inputs and outputs are exactly `contract`'s (a ComponentIO: no more, no fewer, same
+    dtypes/shapes/aliases); an aliasing output is keyed by the input it aliases (its name is
+    free)."""
+    ins = {s.name: (s.dtype, s.shape, s.aliases) for s in contract.inputs}
+    outs = {(s.aliases or s.name): (s.dtype, s.shape, s.aliases) for s in contract.outputs}
     got_in = {s.name: (s.dtype, s.shape, s.aliases) for s in io.inputs}
     got_out = {(s.aliases or s.name): (s.dtype, s.shape, s.aliases) for s in io.outputs}
     if len(got_in) != len(io.inputs) or len(got_out) != len(io.outputs) or len(

@@ -2,8 +2,8 @@
 
 Used through `torch.onnx.export(..., dynamo=True, custom_translation_table=TRANSLATION_TABLE)`.
 The contract is the op's (g3export.modeling.attention): inputs q [B,H,T,D], k/v [B,KV,T,D],
-k_cache/v_cache [B,KV,S,D], start_pos int64 [1], image_groups int64 [B,T]; attributes window
-(0 = full layer) and scale; outputs out [B,H,T,D] and the two caches with the chunk written in.
+k_cache/v_cache [B,KV,S,D], start_pos int64 [B] (one start per row), image_groups int64 [B,T];
+attributes window (0 = full layer) and scale; outputs out [B,H,T,D] and the two caches with the chunk written in.
 
 What the emitted subgraph does (one per layer):
 
@@ -13,25 +13,27 @@ What the emitted subgraph does (one per layer):
   Cast to float when the graph is fp16/bf16), then cast back to q's dtype.
 * Old keys and chunk keys are multiplied separately and their scores concatenated (not the keys:
   no copy of the cache is made to append the chunk). Probabilities are split the same way.
-* Full layers read only the valid prefix of their cache, slots 0..start-1 (`Slice` with the
-  runtime start), so decode cost grows with the used context, not with max_context. Sliding
+* Full layers read only the valid prefix of their cache, slots 0..max(start)-1 (`Slice` with the
+  largest start of the batch; a row whose start is smaller has the rest masked), so decode cost
+  grows with the used context, not with max_context. Sliding
   layers read their whole W-slot ring, masked: slicing it to its filled slots would spare the
   first prefill chunk its products with empty slots, but ORT's CPU `Slice` copies, and copying
   every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs, one run of
   benchmarks/compare_ort_genai.py with two builds side by side; the sliced variant was a
   temporary switch, not kept in the code), for a prefill gain within noise.
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
-  scores (L = start on full layers, S on sliding ones), built once per graph for each layer kind
+  scores (L = max(start) on full layers, S on sliding ones), built once per graph for each layer kind
   and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
   a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its
-  broadcasting kernel is much slower than `Add`'s. What the bias encodes: full layers see the
-  whole prefix (it precedes the chunk); a sliding layer's slot s holds position p_s = start-1 -
+  broadcasting kernel is much slower than `Add`'s. Every row has its own start, so the bias is
+  per row. What the bias encodes: full layers see slots j < start_b (the prefix of row b precedes
+  the chunk); a sliding layer's slot s of row b holds position p_s = start_b-1 -
   ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e. Python's sign rule), visible iff p_s >=
   0 and p_s > pos_q - W. The chunk's own keys get the causal mask, OR'ed with the same-image
   block mask from image_groups, AND'ed with the window on sliding layers. Every query sees at
   least itself, so no row is all -inf.
 * The write: the last n = min(T, S) rows of k/v go to slots (pos mod S) with `ScatterND`
-  (indices [B,KV,n,3] = (b, kv, slot)). ScatterND rather than ScatterElements: its indices are
+  (indices [B,KV,n,3] = (b, kv, slot), slot = (start_b + u) mod S per row). ScatterND rather than ScatterElements: its indices are
   per row, not per element (n*3 instead of n*D integers), it exists from opset 11 (no opset 24
   needed, unlike `TensorScatter`), and ORT's CPU and CUDA kernels skip the input→output copy
   when the two buffers are the same (what the runtime's I/O binding arranges, see below).
@@ -128,7 +130,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     def f32(x):
         return x if x.dtype == _FLOAT else op.Cast(x, to=_FLOAT)
 
-    start = start_pos                                      # int64 [1]
+    start = start_pos                                      # int64 [B], one start per row
     key = (id(start_pos), id(image_groups))
     _SHARED.setdefault(key + ("refs",), (start_pos, image_groups))  # keep ids unique
     zero = _shared(key + ("c0",), lambda: _ints(0))
@@ -138,17 +140,17 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # from the attention result)
     t_q = _shared(key + ("T",), lambda: op.Shape(image_groups, start=1, end=2))  # [1]
     t_scalar = _shared(key + ("Ts",), lambda: op.Squeeze(t_q, zero))
-    start_s = _shared(key + ("start",), lambda: op.Squeeze(start, zero))
+    start_col = _shared(key + ("start",), lambda: op.Unsqueeze(start, one))  # [B,1]
     u = _shared(key + ("u",), lambda: op.Range(_int(0), t_scalar, _int(1)))  # [T] chunk offsets
 
     # ---- reads of the old cache (all before the write, see module docstring) ----------------
     if sliding:  # the whole ring: no copy (see the module docstring for why not only filled slots)
         n_old = _shared(key + ("S", slots), lambda: _ints(slots))  # [1] L = S
         k_old, v_old = k_cache, v_cache                    # [B,KV,S,D]
-    else:        # the valid prefix, slots 0..start-1
-        n_old = start                                      # [1] L = start
-        k_old = op.Slice(k_cache, zero, start, axis2)      # [B,KV,start,D]
-        v_old = op.Slice(v_cache, zero, start, axis2)
+    else:        # the valid prefix of the longest row, slots 0..max(start)-1
+        n_old = _shared(key + ("maxstart",), lambda: op.ReduceMax(start, keepdims=1))  # [1] L
+        k_old = op.Slice(k_cache, zero, n_old, axis2)      # [B,KV,L,D]
+        v_old = op.Slice(v_cache, zero, n_old, axis2)
 
     qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
                     _shared(key + ("qshape", kv_heads, head_dim),
@@ -158,27 +160,28 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
     def make_bias():
-        b_dim = op.Shape(image_groups, start=0, end=1)
         causal = op.LessOrEqual(op.Unsqueeze(u, zero), op.Unsqueeze(u, one))  # [T(q), T(k)]
         g_q = op.Unsqueeze(image_groups, axis2)            # [B,T,1]
         g_k = op.Unsqueeze(image_groups, one)              # [B,1,T]
         block = op.And(op.GreaterOrEqual(g_q, _int(0)), op.Equal(g_q, g_k))  # [B,T,T]
         new_ok = op.Or(op.Unsqueeze(causal, zero), block)  # [B,T,T]
+        b_dim = op.Shape(image_groups, start=0, end=1)
         old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
         if sliding:
             dist = op.Sub(op.Unsqueeze(u, one), op.Unsqueeze(u, zero))  # u_q - u_k
             new_ok = op.And(new_ok, op.Unsqueeze(op.Less(dist, _int(window)), zero))
-            # slot s holds position p_s = start-1 - ((start-1-s) mod S); < 0: empty
+            # slot s of row b holds position p_s = start_b-1 - ((start_b-1-s) mod S); < 0: empty
             s_idx = op.Range(_int(0), _int(slots), _int(1))  # [S]
-            last = op.Sub(start_s, _int(1))
-            p_old = op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots)))
-            pos_q = op.Add(start_s, u)                       # [T]
-            p_old = op.Unsqueeze(p_old, zero)                # [1,S]
+            last = op.Sub(start_col, _int(1))                # [B,1]
+            p_old = op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots)))  # [B,S]
+            pos_q = op.Add(start_col, u)                     # [B,T]
+            p_old = op.Unsqueeze(p_old, one)                 # [B,1,S]
             old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)),
-                            op.Greater(p_old, op.Unsqueeze(op.Sub(pos_q, _int(window)), one)))
-            old_ok = op.Expand(op.Unsqueeze(old_ok, zero), old_shape)
-        else:                                                # the whole prefix precedes the chunk
-            old_ok = op.Expand(op.Constant(value=ir.tensor([True])), old_shape)
+                            op.Greater(p_old, op.Unsqueeze(op.Sub(pos_q, _int(window)), axis2)))
+        else:        # slot j holds position j iff j < start_b: row b's prefix precedes its chunk
+            j = op.Range(_int(0), op.Squeeze(n_old, zero), _int(1))  # [L]
+            old_ok = op.Unsqueeze(op.Less(j, start_col), one)  # [B,1,L]
+        old_ok = op.Expand(old_ok, old_shape)                # [B,T,L]
         ok = op.Concat(old_ok, new_ok, axis=-1)              # [B,T,L+T]
         # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
         ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,L+T]
@@ -210,14 +213,14 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     def make_indices():
         n = op.Min(t_q, _ints(slots))
         first = op.Sub(t_q, n)
-        pos = op.Add(start_s, op.Range(op.Squeeze(first, zero), t_scalar, _int(1)))
-        slot = op.Mod(pos, _int(slots))                       # [n]
+        pos = op.Add(start_col, op.Range(op.Squeeze(first, zero), t_scalar, _int(1)))  # [B,n]
+        slot = op.Mod(pos, _int(slots))                       # [B,n]: each row from its start
         b_dim = op.Shape(image_groups, start=0, end=1)
         idx_shape = op.Concat(b_dim, _ints(kv_heads), n, one, axis=0)
         b_idx = op.Reshape(op.Range(_int(0), op.Squeeze(b_dim, zero), _int(1)),
                            _ints(-1, 1, 1, 1))
         h_idx = op.Reshape(op.Range(_int(0), _int(kv_heads), _int(1)), _ints(1, -1, 1, 1))
-        s_idx4 = op.Reshape(slot, _ints(1, 1, -1, 1))
+        s_idx4 = op.Unsqueeze(slot, _ints(1, 3))              # [B,1,n,1]
         return op.Concat(op.Expand(b_idx, idx_shape), op.Expand(h_idx, idx_shape),
                          op.Expand(s_idx4, idx_shape), axis=-1)  # [B,KV,n,3]
 

@@ -14,7 +14,9 @@ The text component's I/O contract (`text_io()` builds it; the manifest stores it
     name               dtype            shape                      notes
     -----------------  ---------------  -------------------------  ---------------------------------
     input_ids          int64            [batch, seq]               a chunk of T >= 1 tokens
-    start_pos          int64            [1]                        absolute position of input_ids[:,0]
+    start_pos          int64            [batch]                    absolute position of input_ids[b,0]:
+                                                                   one per row, rows are independent
+                                                                   sequences (DESIGN §3.3)
     image_features     model dtype      [image_tokens, hidden]     only if exported with images=True:
                                                                    rows for the chunk's image soft
                                                                    tokens in order (text-only graphs
@@ -73,7 +75,7 @@ from ..modeling.cache import kv_layout
 from ..modeling.config import ModelConfig
 from ..modeling.sources import TensorSource, WeightSource
 from ..modeling.text import Gemma3Model
-from .manifest import ComponentIO, TensorSpec
+from .graph_io import OPSET, ComponentIO, TensorSpec, text_io
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
 from .onnx_passes import (_drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
                           _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm, _strip_metadata,
@@ -83,7 +85,6 @@ from .stream import attach_recipes, save_with_external_data
 __all__ = ["OPSET", "IR_VERSION", "TensorSpec", "ComponentIO", "text_io", "export_text",
            "save_with_external_data", "initializer_bytes", "iter_initializers", "_take_over"]
 
-OPSET = 20
 IR_VERSION = 10  # what onnxruntime >= 1.18 reads; onnx 1.23 defaults to 14
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -93,30 +94,6 @@ def ir_version_for(opset: int) -> int:
     """The lowest IR version that allows `opset` (onnx's VERSION_TABLE), at least IR_VERSION:
     onnxruntime rejects newer IR versions than it knows, and onnx 1.23 writes 14."""
     return max(IR_VERSION, {23: 11, 24: 12, 25: 13}.get(opset, IR_VERSION if opset <= 22 else 13))
-
-
-# ---------------------------------------------------------------------------------------------
-# The I/O contract, as data
-
-
-def text_io(cfg: ModelConfig, max_context: int, dtype: str = "fp32", all_logits: bool = False,
-            images: bool = False, batch: int | None = None, file: str = "text.onnx") -> ComponentIO:
-    """The text component's contract (see the module docstring). batch=None: symbolic."""
-    t = cfg.text
-    b: int | str = "batch" if batch is None else batch
-    mdt = ONNX_DTYPE_NAMES[dtype]
-    layout = kv_layout(t, max_context, 1, dtype)
-    inputs = [TensorSpec("input_ids", "int64", (b, "seq")), TensorSpec("start_pos", "int64", (1,))]
-    if images:
-        inputs.append(TensorSpec("image_features", mdt, ("image_tokens", t.hidden_size)))
-    outputs = [TensorSpec("logits", "float32", (b, "seq" if all_logits else 1, t.vocab_size))]
-    for lc in layout.layers:
-        shape = (b, *lc.shape[1:])
-        for past in (lc.k_name, lc.v_name):
-            inputs.append(TensorSpec(past, mdt, shape))
-            outputs.append(TensorSpec(past.replace("past_", "present_"), mdt, shape, aliases=past))
-    return ComponentIO("text", file, tuple(inputs), tuple(outputs),
-                       {"all_logits": all_logits, "images": images, "opset": OPSET})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +147,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     args: list[Any] = [ids, start]
     batch = torch.export.Dim("batch", min=1, max=1024) if dynamic_batch else None
     seq = torch.export.Dim("seq", min=1, max=max_context)
-    ds: list[Any] = [{0: batch, 1: seq} if batch else {1: seq}, None]
+    ds: list[Any] = [{0: batch, 1: seq} if batch else {1: seq}, {0: batch} if batch else None]
     rest_ds: list[Any] = []  # forward(input_ids, start_pos, *rest): one spec for the varargs tuple
     if images:
         img_tokens = torch.export.Dim("image_tokens", min=1, max=max_context)

@@ -7,8 +7,8 @@ custom_translation_table=TRANSLATION_TABLE)`. The graph must be written with ops
 and an IR version that ONNX Runtime reads (IR_VERSION).
 
 The op's contract is g3export.modeling.attention's: q [B,H,T,D], k/v [B,KV,T,D], k_cache/v_cache
-[B,KV,S,D] (slot = position mod S), start_pos int64 [1], image_groups int64 [B,T], window (0 =
-full), scale; outputs out [B,H,T,D] and the caches with the chunk written in.
+[B,KV,S,D] (slot = position mod S), start_pos int64 [B] (one start per row), image_groups int64
+[B,T], window (0 = full), scale; outputs out [B,H,T,D] and the caches with the chunk written in.
 
 What one layer becomes:
 
@@ -16,11 +16,13 @@ What one layer becomes:
     values = Concat(v_cache, v, axis=2)
     mask   = [B, 1, T, S+T] bool, True = visible            (the reference's `attention_mask`)
     out    = Attention(q, keys, values, mask, scale=scale)  GQA from the 4-D shapes (H % KV == 0)
-    k_out  = TensorScatter(k_cache, k, write_indices=[start mod S]*B, axis=2, mode="linear")
+    k_out  = TensorScatter(k_cache, k, write_indices=start mod S, axis=2, mode="linear")
+                                                            (write_indices [B]: one per row)
     v_out  = TensorScatter(v_cache, v, ...)
 
-The mask is the reference formula, built from start_pos with Range/Mod (fmod=0: Python's sign
-rule), so prefill, decode and a ring that has wrapped share one expression:
+The mask is the reference formula, built per row from start_pos [B] with Range/Mod (fmod=0:
+Python's sign rule), so prefill, decode, a ring that has wrapped and rows at different positions
+share one expression:
     old slot s holds p_s = start-1 - ((start-1-s) mod S); visible iff p_s >= 0 (and, sliding,
     p_s > pos_q - W); chunk key u' visible to chunk query u iff u' <= u or same image (and,
     sliding, u - u' < W).
@@ -96,22 +98,28 @@ def g3_attention_native(q, k, v, k_cache, v_cache, start_pos, image_groups, wind
 
     t_q = op.Shape(q, start=2, end=3)                          # [1] T
     t_s = op.Squeeze(t_q, zero)
-    start_s = op.Squeeze(start_pos, zero)
+    start_col = op.Unsqueeze(start_pos, one)                    # [B,1], one start per row
     u = op.Range(_int(0), t_s, _int(1))                         # [T] offsets in the chunk
     u_q, u_k = op.Unsqueeze(u, one), op.Unsqueeze(u, zero)      # [T,1], [1,T]
 
-    # old slots: position held by each, visible iff filled (and inside the window)
-    last = op.Sub(start_s, _int(1))
+    # old slots: position held by each, visible iff filled (and inside the window), per row
+    last = op.Sub(start_col, _int(1))                           # [B,1]
     s_idx = op.Range(_int(0), _int(slots), _int(1))             # [S]
-    p_old = op.Unsqueeze(op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots))), zero)  # [1,S]
-    pos_q = op.Add(start_s, u_q)                                # [T,1]
+    p_old = op.Unsqueeze(op.Sub(last, op.Mod(op.Sub(last, s_idx), _int(slots))), one)  # [B,1,S]
+    pos_q = op.Unsqueeze(op.Add(start_col, u_k), _ints(2))      # [B,T,1]
     # p_s <= pos_q always holds for a filled slot (old positions precede the chunk), but the
     # full layers' mask must depend on the query like the sliding one: with a [1,S] old-slot
     # mask, TensorRT-RTX 1.7 fails to build two full layers in bf16/fp16 (Myelin: "Graph
     # contains more than one op named ..._iota"; measured, fp32 decomposed builds are fine).
-    old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)), op.LessOrEqual(p_old, pos_q))  # [T,S]
+    old_ok = op.And(op.GreaterOrEqual(p_old, _int(0)), op.LessOrEqual(p_old, pos_q))  # [B,T,S]
     if sliding:
-        old_ok = op.And(old_ok, op.Greater(p_old, op.Sub(pos_q, _int(window))))  # [T,S]
+        old_ok = op.And(old_ok, op.Greater(p_old, op.Sub(pos_q, _int(window))))  # [B,T,S]
+    b_dim = op.Shape(q, start=0, end=1)                         # [1] B
+    old_shape = op.Concat(b_dim, one, t_q, _ints(slots), axis=0)  # [B,1,T,S]
+    # The Expand is a no-op on the shape, but without it (old_ok = Unsqueeze(And(...)) straight
+    # into the Concat) TensorRT-RTX 1.7 fails the bf16/fp16 build with two full layers (the same
+    # Myelin "more than one op named <mask>_iota"; measured, tests/export/test_trt.py).
+    old_ok = op.Expand(op.Unsqueeze(old_ok, one), old_shape)    # [B,1,T,S]
 
     # chunk keys: causal, OR same image, AND (sliding) within the window. Built 4-D from the
     # start ([.., 1, T, ..]: the head axis) so no Unsqueeze follows the Concat: TensorRT-RTX 1.7's
@@ -126,17 +134,14 @@ def g3_attention_native(q, k, v, k_cache, v_cache, start_pos, image_groups, wind
         near = op.Less(op.Sub(u_q, u_k), _int(window))          # [T,T]
         new_ok = op.And(new_ok, op.Unsqueeze(near, _ints(0, 1)))
 
-    b_dim = op.Shape(q, start=0, end=1)                         # [1] B
-    old_shape = op.Concat(b_dim, one, t_q, _ints(slots), axis=0)  # [B,1,T,S]
-    old_ok = op.Unsqueeze(old_ok, zero)                         # [1,1,T,S]
-    mask = op.Concat(op.Expand(old_ok, old_shape), new_ok, axis=-1)  # [B,1,T,S+T]
+    mask = op.Concat(old_ok, new_ok, axis=-1)                   # [B,1,T,S+T]
 
     keys = op.Concat(k_cache, k, axis=2)                        # [B,KV,S+T,D]
     values = op.Concat(v_cache, v, axis=2)
     # the exporter gives this node all 4 of Attention's outputs; `finalize` trims it to one
     out = op.Attention(q, keys, values, mask, scale=float(scale))[0]  # [B,H,T,D]
 
-    write_at = op.Expand(op.Mod(start_pos, _ints(slots)), b_dim)  # [B] start mod S
+    write_at = op.Mod(start_pos, _ints(slots))                   # [B] start mod S, per row
     k_new = op.TensorScatter(k_cache, k, write_at, axis=2, mode="linear")
     v_new = op.TensorScatter(v_cache, v, write_at, axis=2, mode="linear")
     return out, k_new, v_new

@@ -282,29 +282,48 @@ def _fuse_rms_norm(m: ir.Model) -> int:
 
 
 def _fuse_rotary(m: ir.Model) -> int:
-    """x * cos + rotate_half(x) * sin  ->  com.microsoft.RotaryEmbedding(x, [0], cos_h, sin_h).
+    """x * cos + rotate_half(x) * sin  ->  com.microsoft.RotaryEmbedding(x, ids, cos_h, sin_h).
 
     torch.export writes RoPE (Attention.forward) as Slice, Slice, Neg, Concat, Mul, Mul, Add: per
     layer twice (q and k), 12 of a layer's ~60 ORT kernels, each costing a dispatch on a CPU
     decode step. ONNX Runtime's contrib RotaryEmbedding (CPU and CUDA, interleaved=0 is the
-    rotate-half form) does it in one. Its input is x [B, heads, T, D]; position_ids of shape [1]
-    means positions p0 + t, so with p0 = 0 and caches = the chunk's own cos/sin rows
-    ([T, D/2]: the first half of the model's [T, D] cos/sin, whose two halves are equal), it
-    computes exactly the model's expression. Only emitted for the ONNX Runtime translation.
+    rotate-half form) does it in one. Its input is x [B, heads, T, D]. Every batch row has its own
+    positions, so the model's cos/sin are [B, 1, T, D]; the op's cos_cache/sin_cache are those
+    rows flattened, [B*T, D/2] (the first half: the two halves are equal), and position_ids
+    [B, T] = arange(B*T) picks row b*T + t for token t of row b (the op's 2-D position_ids form;
+    its [1] form, one offset for all rows, cannot express per-row positions). It then computes
+    exactly the model's expression. One Slice+Reshape per cos/sin table and one position_ids
+    tensor, shared by all layers. Only emitted for the ONNX Runtime translation.
     Returns the number of rotations fused.
     """
     g = m.graph
     halves: dict[int, ir.Value] = {}
-    zero: list[ir.Value] = []
+    ids_memo: list[ir.Value] = []
     const = functools.partial(_int64_initializer, g)
 
     def first_half(v: ir.Value, half: int) -> ir.Value:
-        if id(v) not in halves:  # one Slice per cos/sin table, shared by the layers
+        if id(v) not in halves:  # one Slice + Reshape per cos/sin table, shared by the layers
             sl = ir.node("Slice", [v, const(f"{v.name}_h0", [0]), const(f"{v.name}_h1", [half]),
                                    const(f"{v.name}_hax", [-1])])
-            g.insert_after(v.producer(), sl)
-            halves[id(v)] = sl.outputs[0]
+            flat = ir.node("Reshape", [sl.outputs[0], const(f"{v.name}_hflat", [-1, half])])
+            g.insert_after(v.producer(), [sl, flat])  # [B, 1, T, D/2] -> [B*T, D/2]
+            halves[id(v)] = flat.outputs[0]
         return halves[id(v)]
+
+    def position_ids(v: ir.Value) -> ir.Value:
+        """[B, T] = arange(B*T).reshape(B, T), from the shape of a [B, 1, T, D] cos table."""
+        if not ids_memo:
+            bt = [ir.node("Shape", [v], attributes={"start": 0, "end": 1}),
+                  ir.node("Shape", [v], attributes={"start": 2, "end": 3})]
+            shape = ir.node("Concat", [n.outputs[0] for n in bt], attributes={"axis": 0})
+            n = ir.node("ReduceProd", [shape.outputs[0]], attributes={"keepdims": 0})
+            scalar = [_add_initializer(g, ir.tensor(np.asarray(x, dtype=np.int64),
+                                                    name=f"rotary_range_{x}")) for x in (0, 1)]
+            rng = ir.node("Range", [scalar[0], n.outputs[0], scalar[1]])
+            ids = ir.node("Reshape", [rng.outputs[0], shape.outputs[0]])
+            g.insert_after(v.producer(), [*bt, shape, n, rng, ids])
+            ids_memo.append(ids.outputs[0])
+        return ids_memo[0]
 
     fused = 0
     for neg in [n for n in g if n.op_type == "Neg"]:
@@ -334,10 +353,8 @@ def _fuse_rotary(m: ir.Model) -> int:
         cos = _other(mul_c, x)
         if cos is None or cos.producer() is None or sin.producer() is None:
             continue
-        if not zero:
-            zero.append(const("rotary_position_0", [0]))
         rot = ir.node("RotaryEmbedding",
-                      [x, zero[0], first_half(cos, h), first_half(sin, h)],
+                      [x, position_ids(cos), first_half(cos, h), first_half(sin, h)],
                       attributes={"interleaved": 0}, domain="com.microsoft")
         y = add.outputs[0]
         g.insert_before(add, rot)

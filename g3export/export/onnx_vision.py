@@ -15,7 +15,7 @@ The vision component's I/O contract (`vision_io()` builds it; the manifest store
                                                                    to the text graph's
                                                                    image_features input
 
-`images` is dynamic (1 .. MAX_IMAGES). Pixel values are float32 whatever the model dtype (the
+`images` is dynamic (1 .. graph_io.MAX_IMAGES). Pixel values are float32 whatever the model dtype (the
 graph casts them), so the runtime's preprocessing is dtype-independent; the features come out in
 the model dtype, the dtype of the text graph's image_features input.
 
@@ -37,28 +37,14 @@ from ..errors import BuildError
 from ..modeling.config import ModelConfig
 from ..modeling.sources import WeightSource
 from ..modeling.text import Gemma3Model
-from .manifest import ComponentIO, TensorSpec
+from .graph_io import MAX_IMAGES, ComponentIO, TensorSpec, vision_io  # noqa: F401
 from .onnx_export import (ONNX_DTYPE_NAMES, OPSET, TORCH_DTYPES, _check_io, _device, _quiet,
                           ir_version_for, weight_lookup)
 from .onnx_passes import (_drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
                           _strip_metadata)
 from .stream import attach_recipes, save_with_external_data
 
-MAX_IMAGES = 256
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-
-
-def vision_io(cfg: ModelConfig, dtype: str = "fp32", file: str = "vision.onnx") -> ComponentIO:
-    """The vision component's contract (module docstring)."""
-    if cfg.vision is None:
-        raise ValueError(f"{cfg.name} has no vision encoder")
-    s = cfg.vision.image_size
-    return ComponentIO(
-        "vision", file,
-        (TensorSpec("pixel_values", "float32", ("images", cfg.vision.num_channels, s, s)),),
-        (TensorSpec("image_features", ONNX_DTYPE_NAMES[dtype],
-                    ("images", cfg.mm_tokens_per_image, cfg.text.hidden_size)),),
-        {"opset": OPSET, "max_images": MAX_IMAGES})
 
 
 class VisionComponent(nn.Module):

@@ -10,7 +10,7 @@ The node (emitted at export time by `TRANSLATION_TABLE`, op type = plugin name):
     k, v           model dtype    [B, KV, T, D]
     k_cache        model dtype    [B, KV, S, D]    static layout (DESIGN §3.3): slot = pos mod S
     v_cache        model dtype    [B, KV, S, D]
-    start_pos      int64          [1]              absolute position of the chunk's first token
+    start_pos      int64          [B]              absolute position of each row's first chunk token
     image_groups   int64          [B, T]           -1 text, same id >= 0 = one image (prefill)
     out            model dtype    [B, H, T, D]
     k_cache_out    model dtype    [B, KV, S, D]    ALIASES k_cache (IPluginV3OneBuildV2
@@ -366,7 +366,7 @@ def plugin_classes(trt: Any) -> tuple[type, type]:
                     kc.copy_(device_tensor(inputs[3], cache_shape, dt))
                 if outputs[2] != inputs[4]:
                     vc.copy_(device_tensor(inputs[4], cache_shape, dt))
-                sp = device_tensor(inputs[5], (1,), torch.int64)
+                sp = device_tensor(inputs[5], (b,), torch.int64)  # issue 13: one start per row
                 gr = device_tensor(inputs[6], (b, t), torch.int64)
                 out = device_tensor(outputs[0], (b, h, t, d), dt)
                 self.path = run_attention(tq, tk, tv, kc, vc, sp, gr, out, a["window"],

@@ -67,10 +67,14 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(f"inv_freq_{lt}", inv, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
+        """positions int64 [B, T] -> per layer type (cos, sin), each [B, 1, T, D]: one row of
+        angles per batch row (each row at its own position), broadcast over the heads."""
         out = {}
         for lt in self.types:
-            ang = positions.float()[:, None] * getattr(self, f"inv_freq_{lt}")[None, :]
-            emb = torch.cat([ang, ang], dim=-1)  # [T, D]
+            ang = positions.float()[..., None] * getattr(self, f"inv_freq_{lt}")  # [B, T, D/2]
+            emb = torch.cat([ang, ang], dim=-1)[:, None]  # [B, 1, T, D]
             # HF computes cos/sin in fp32 and casts to the activation dtype (GEMMA3_SPEC §1b).
             out[lt] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
+
+

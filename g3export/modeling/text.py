@@ -11,7 +11,8 @@ and the thing torch.export captures.
     logits, caches = model(input_ids, start_pos, caches, image_features)
 
     input_ids       int64 [B, T]       a chunk of tokens; image soft tokens are config.image_token_id
-    start_pos       int64 [1]          absolute position of input_ids[:, 0]
+    start_pos       int64 [B]          absolute position of input_ids[b, 0], one per row (rows are
+                                       independent sequences, DESIGN §3.3); [1] = all rows alike
     caches          2 * L tensors      k_0, v_0, k_1, v_1, ...; layer i: [B, KV, S_i, D] (S_i from
                                        TextConfig.cache_length: W for sliding, max_context for full)
     image_features  float [M, hidden]  features of the M image soft tokens of the chunk, in order
@@ -143,7 +144,9 @@ class Gemma3Model(nn.Module):
         lm = self.language_model
         t = input_ids.shape[1]
         x = self.embed(input_ids, image_features)
-        positions = start_pos.reshape(()) + torch.arange(t, dtype=torch.int64, device=x.device)
+        b = input_ids.shape[0]
+        start_pos = start_pos.reshape(-1).expand(b)  # [B]; a [1] start is every row's
+        positions = start_pos[:, None] + torch.arange(t, dtype=torch.int64, device=x.device)
         rope = lm.rotary_emb(positions, x.dtype)
         image_groups = image_groups_from_ids(input_ids, self.config.image_token_id)
         new_caches = []

@@ -104,18 +104,12 @@ def check_prompt(ids: Sequence[int], session: Session) -> None:
             f"shorten the prompt or {session.context_hint}")
 
 
-def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None,
-             chunk_size: int = DEFAULT_PREFILL_CHUNK, image_features: np.ndarray | None = None,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Generate up to max_new_tokens after prompt_ids; call on_token(id) as each token is chosen.
-
-    image_features: [N, mm_tokens, hidden] for the N images whose soft tokens are in prompt_ids.
-    """
+def plan_prompt(session: Session, ids: list[int], image_features: np.ndarray | None,
+                chunk_size: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """Check a prompt (and its images) against the session; return the image features as
+    [M, hidden] float32 (or None) and the prefill chunks. Raises GenerationError."""
     cfg = session.config
-    ids = [int(i) for i in prompt_ids]
     check_prompt(ids, session)
-    stop = set(cfg.text.eos_token_ids if stop_ids is None else stop_ids)
     feats = None
     n_img_tokens = sum(1 for i in ids if i == cfg.image_token_id) if cfg.has_vision else 0
     if image_features is not None:
@@ -126,13 +120,27 @@ def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
                 f"{n_img_tokens} image tokens ({cfg.mm_tokens_per_image} per image)")
     elif n_img_tokens:
         raise GenerationError(f"the prompt holds {n_img_tokens} image tokens but no image was given")
-
     limit = session.prefill_chunk
     chunks = prefill_chunks(ids, min(chunk_size, limit or chunk_size), cfg.image_token_id,
                             session.chunk_align)
     if limit and any(e - s > limit for s, e in chunks):
         raise GenerationError(f"an image needs a prefill chunk longer than this build's longest "
                               f"({limit} tokens); rebuild with a larger --prefill-chunk")
+    return feats, chunks
+
+
+def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] | None = None,
+             chunk_size: int = DEFAULT_PREFILL_CHUNK, image_features: np.ndarray | None = None,
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids; call on_token(id) as each token is chosen.
+
+    image_features: [N, mm_tokens, hidden] for the N images whose soft tokens are in prompt_ids.
+    """
+    cfg = session.config
+    ids = [int(i) for i in prompt_ids]
+    stop = set(cfg.text.eos_token_ids if stop_ids is None else stop_ids)
+    feats, chunks = plan_prompt(session, ids, image_features, chunk_size)
     sampler = Sampler(sampling)
     session.reset()
     t0 = time.perf_counter()

@@ -3,6 +3,8 @@ the static KV cache allocated once and bound as both input and output of the tex
 
     sess = OrtSession.from_build("builds/270m-onnx", provider="cpu")
     logits = sess.forward(ids, start_pos=0)      # float32 [B, V]; cache updated in place
+    logits = sess.forward(ids, start_pos=np.array([5, 0, 17]))  # each row at its own position
+    logits = sess.forward_row(2, ids[2:3], 17)  # one slot only -> [1, V]
     sess.reset()
     feats = sess.image_features(pixel_values)   # [N, 3, S, S] -> float32 [N, mm_tokens, hidden]
 
@@ -17,6 +19,11 @@ present_value_i; the graph's ScatterND writes the chunk into it (see
 g3export.export.onnx_attention for why the write is ordered after the reads). Last-position
 logits are bound to one preallocated [B, 1, V] float32 buffer; with an all-logits graph the
 logits output is left to ORT (its shape changes with the chunk).
+
+One slot (forward_row): a second IOBinding per row, made on the row's first use and kept, binds
+row r's contiguous slice of every cache buffer ([r, :, :, :] of a row-major [B, KV, S, D] tensor)
+by address as a [1, KV, S, D] input and output: the graph, exported with a symbolic batch, runs
+with batch 1 on that slice, nothing is copied and the other rows are untouched.
 
 Threads: intra_op = physical cores (psutil if present, else the affinity mask), inter_op 1,
 sequential execution, ORT_ENABLE_ALL. Pool threads spin by default (ORT's default, good on an idle
@@ -250,7 +257,13 @@ class OrtSession(Session):
         if not self.all_logits:
             self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, v], np.float32,
                                                                      self.device, 0)
-        self._start = np.zeros(1, dtype=np.int64)
+        self._start = np.zeros(batch, dtype=np.int64)
+        self._row_start = np.zeros(1, dtype=np.int64)
+        self._row_logits = None
+        if not self.all_logits:
+            self._row_logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, v], np.float32,
+                                                                         self.device, 0)
+        self._row_bindings: dict[int, object] = {}
         self._no_image_row = np.zeros((1, config.text.hidden_size), np.float32)
         self.binding = self.sess.io_binding()
         self._bind_static()
@@ -290,10 +303,7 @@ class OrtSession(Session):
         for past, present, ov in self._cache_values:
             b.bind_ortvalue_input(past, ov)
             b.bind_ortvalue_output(present, ov)  # same buffer: the graph writes in place
-        if self._logits is not None:
-            b.bind_ortvalue_output("logits", self._logits)
-        else:
-            b.bind_output("logits", self.device)
+        self._bind_outputs(b, self._logits)
 
     def _measure_kv_bytes(self) -> int:
         total = 0
@@ -323,32 +333,63 @@ class OrtSession(Session):
         for a in self._buffers:
             a.fill(0)
 
-    def forward(self, input_ids: np.ndarray, start_pos: int,
+    def forward(self, input_ids: np.ndarray, start_pos: "int | np.ndarray",
                 image_features: np.ndarray | None = None) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"input_ids must be [batch={self.batch}, T], got {ids.shape}")
+        starts = self.row_starts(start_pos, ids.shape[1])
+        return self._chunked(self.binding, ids, starts, self._start, image_features, self._logits)
+
+    def forward_row(self, row: int, input_ids: np.ndarray, start_pos: int,
+                    image_features: np.ndarray | None = None) -> np.ndarray:
+        ids = self.check_row(row, input_ids)
+        if start_pos < 0 or start_pos + ids.shape[1] > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} exceed "
+                             f"max_context {self.max_context}")
+        binding = self._row_binding(row)
+        return self._chunked(binding, ids, np.array([start_pos], dtype=np.int64), self._row_start,
+                             image_features, self._row_logits)
+
+    def _row_binding(self, row: int):
+        """The IOBinding of slot `row` (see the module docstring), made once per row."""
+        if row not in self._row_bindings:
+            if self.dtype == "bf16":
+                raise ValueError("forward_row is not available for bf16 builds (numpy has no "
+                                 "bfloat16 type to bind a cache slice by address)")
+            b = self.sess.io_binding()
+            el = {"fp32": np.float32, "fp16": np.float16}[self.dtype]
+            for past, present, ov in self._cache_values:
+                shape = ov.shape()
+                row_bytes = int(np.prod(shape[1:])) * _elem_size(ov.data_type())
+                ptr = ov.data_ptr() + row * row_bytes
+                for name, bind in ((past, b.bind_input), (present, b.bind_output)):
+                    bind(name, self.device, 0, el, [1, *shape[1:]], ptr)
+            self._row_bindings[row] = b
+            self._bind_outputs(b, self._row_logits)
+        return self._row_bindings[row]
+
+    def _chunked(self, binding, ids, starts, start_buf, image_features, logits_value):
         t = ids.shape[1]
-        if t < 1:
-            raise ValueError("empty chunk")
-        if start_pos < 0 or start_pos + t > self.max_context:
-            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed max_context "
-                             f"{self.max_context}")
-        if image_features is not None and not self.io.options.get("images"):
-            raise ValueError("this build's text graph takes no image_features (text-only export)")
         step = self.max_chunk or t
         if image_features is not None:
             step = t  # an image must not straddle chunks; the caller chunks around images
         out = None
         for s in range(0, t, step):
-            out = self._run(ids[:, s:s + step], start_pos + s, image_features)
+            start_buf[:] = starts + s
+            out = self._run(binding, ids[:, s:s + step], start_buf, image_features, logits_value)
         return out
 
-    def _run(self, ids: np.ndarray, start_pos: int, image_features) -> np.ndarray:
-        b = self.binding
-        self._start[0] = start_pos
+    def _bind_outputs(self, b, logits_value) -> None:
+        if logits_value is not None:
+            b.bind_ortvalue_output("logits", logits_value)
+        else:
+            b.bind_output("logits", self.device)
+
+    def _run(self, b, ids: np.ndarray, starts: np.ndarray, image_features,
+             logits_value) -> np.ndarray:
         b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("start_pos", self._start)
+        b.bind_cpu_input("start_pos", starts)
         if self.io.options.get("images"):
             feats = image_features
             if feats is None:  # one dummy row: the graph gathers row 0 for non-image tokens
@@ -357,10 +398,13 @@ class OrtSession(Session):
             np_dt = ONNX_NUMPY[spec.dtype] if spec.dtype != "bfloat16" else np.float32
             b.bind_cpu_input("image_features", np.ascontiguousarray(feats, dtype=np_dt))
         run_graph(self.io.file, self.sess.run_with_iobinding, b)
-        if self._logits is not None:
+        if logits_value is not None:
             # a copy: the bound buffer is overwritten by the next step ([B, V] floats, small)
-            return np.array(self._logits.numpy()[:, -1, :])
+            return np.array(logits_value.numpy()[:, -1, :])
         logits = b.get_outputs()[0].numpy()
         b.clear_binding_outputs()
-        self._bind_static()
+        if b is self.binding:
+            self._bind_static()
+        else:  # a row binding lost its cache outputs too: made again on the row's next use
+            self._row_bindings = {k: v for k, v in self._row_bindings.items() if v is not b}
         return logits[:, -1, :].astype(np.float32, copy=False)

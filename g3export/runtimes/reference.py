@@ -33,12 +33,24 @@ class TorchSession(Session):
         for c in self.caches:
             c.zero_()
 
-    @torch.inference_mode()
     def forward(self, input_ids, start_pos, image_features=None):
-        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.int64)
+        ids = np.asarray(input_ids)
+        starts = self.row_starts(start_pos, ids.shape[1])
+        return self._run(ids, starts, image_features, self.caches)
+
+    def forward_row(self, row, input_ids, start_pos, image_features=None):
+        ids = self.check_row(row, input_ids)
+        if start_pos < 0 or start_pos + ids.shape[1] > self.max_context:
+            raise ValueError(f"positions {start_pos}.. exceed max_context {self.max_context}")
+        views = [c[row:row + 1] for c in self.caches]  # views: the update lands in the buffers
+        return self._run(ids, np.array([start_pos]), image_features, views)
+
+    @torch.inference_mode()
+    def _run(self, ids, starts, image_features, caches):
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
         feats = None if image_features is None else torch.as_tensor(np.asarray(image_features))
-        logits, new = self.model(ids, torch.tensor([start_pos]), self.caches, feats)
-        for c, n in zip(self.caches, new):  # the op is functional; keep our buffers fixed
+        logits, new = self.model(ids, torch.as_tensor(starts, dtype=torch.int64), caches, feats)
+        for c, n in zip(caches, new):  # the op is functional; keep our buffers fixed
             c.copy_(n)
         return logits[:, -1].float().numpy()
 

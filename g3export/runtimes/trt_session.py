@@ -4,6 +4,8 @@ sampling, tokenizer and chat template drive it.
 
     sess = TrtSession.from_build(load_build("builds/12b-trt"))
     logits = sess.forward(ids, start_pos=0)      # float32 [B, V] on the host; cache updated in place
+    logits = sess.forward(ids, start_pos=np.array([5, 0]))  # each row at its own position
+    logits = sess.forward_row(1, ids[1:2], 0)   # one slot only -> [1, V]
 
 Contract:
 * Needs an NVIDIA GPU (torch with CUDA) and the build's flavour of TensorRT (`tensorrt` for trt,
@@ -26,6 +28,11 @@ Contract:
   multiple of it, because TensorScatter(mode=linear) must not wrap a sliding layer's ring.
   `forward` checks both and raises ValueError rather than run a wrong chunk.
 * Logits are float32 [B, 1, V] on the device and copied to the host after each step.
+* start_pos is int64 [B] on the device (one start per row). `forward_row(r, ...)` runs the prefill
+  context with batch 1 on row r's slice of every cache buffer: the context's cache addresses are
+  set to data_ptr + r * row bytes (no copy) and set back to the whole buffers by the next
+  `forward` (2 * layers set_tensor_address calls, host only). The decode context and its CUDA
+  graph are never rebound.
 * Images: only the text component has an engine so far; a build's vision component stays ONNX
   (manifest `tensorrt.onnx_only`) and `image_features` runs it with ONNX Runtime (CUDA provider
   when onnxruntime-gpu is installed, else CPU), created on first use.
@@ -129,7 +136,8 @@ class TrtSession(Session):
                 self._kv_names.append((past, self.io.present(past)))
         t = self.config.text
         self._ids = torch.zeros(batch * self.prefill_chunk, dtype=torch.int64, device=self.dev)
-        self._start = torch.zeros(1, dtype=torch.int64, device=self.dev)
+        self._start = torch.zeros(batch, dtype=torch.int64, device=self.dev)
+        self._row_bound: int | None = None  # the row the prefill context is bound to, if any
         self._logits = torch.zeros(batch, 1, t.vocab_size, dtype=torch.float32, device=self.dev)
         self._feats = (torch.zeros(self.prefill_chunk, t.hidden_size, dtype=tdt, device=self.dev)
                        if self.images else None)
@@ -161,7 +169,7 @@ class TrtSession(Session):
         ctx.set_tensor_address("logits", self._logits.data_ptr())
         ctx.set_tensor_address("input_ids", self._ids.data_ptr())
         ctx.set_tensor_address("start_pos", self._start.data_ptr())
-        ctx.set_input_shape("start_pos", (1,))
+        ctx.set_input_shape("start_pos", (self.batch,))
         if self._feats is not None:
             ctx.set_tensor_address("image_features", self._feats.data_ptr())
             ctx.set_input_shape("image_features", (1, self.config.text.hidden_size))
@@ -202,22 +210,51 @@ class TrtSession(Session):
 
             check_chunk(start_pos, t, int(self.chunk_align))
 
-    def forward(self, input_ids: np.ndarray, start_pos: int,
+    def forward(self, input_ids: np.ndarray, start_pos: "int | np.ndarray",
                 image_features: np.ndarray | None = None) -> np.ndarray:
-        torch = self.torch
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"input_ids must be [batch={self.batch}, T], got {ids.shape}")
+        starts = self.row_starts(start_pos, ids.shape[1])
+        for s in set(starts.tolist()):
+            self.check_chunk(s, ids.shape[1])
+        decode = ids.shape[1] == 1 and image_features is None
+        ctx = self.contexts["decode" if decode else "prefill"]
+        if not decode and self._row_bound is not None:
+            self._bind_row(ctx, None)
+        return self._run(ctx, ids, starts, image_features, self.batch, decode)
+
+    def forward_row(self, row: int, input_ids: np.ndarray, start_pos: int,
+                    image_features: np.ndarray | None = None) -> np.ndarray:
+        ids = self.check_row(row, input_ids)
+        self.check_chunk(start_pos, ids.shape[1])
+        ctx = self.contexts["prefill"]
+        if self._row_bound != row:
+            self._bind_row(ctx, row)
+        return self._run(ctx, ids, np.array([start_pos], dtype=np.int64), image_features, 1,
+                         False)
+
+    def _bind_row(self, ctx: Any, row: int | None) -> None:
+        """Point the prefill context at row `row`'s slice of every cache (None: the whole caches)."""
+        for (past, present), buf in zip(self._kv_names, self.caches):
+            shape = tuple(buf.shape) if row is None else (1, *buf.shape[1:])
+            ptr = buf.data_ptr() + (0 if row is None else row * buf[0].numel() * buf.element_size())
+            ctx.set_input_shape(past, shape)
+            ctx.set_tensor_address(past, ptr)
+            ctx.set_tensor_address(present, ptr)
+        ctx.set_input_shape("start_pos", (self.batch if row is None else 1,))
+        self._row_bound = row
+
+    def _run(self, ctx: Any, ids: np.ndarray, starts: np.ndarray, image_features, rows_b: int,
+             decode: bool) -> np.ndarray:
+        torch = self.torch
         t = ids.shape[1]
-        self.check_chunk(start_pos, t)
         if image_features is not None and self._feats is None:
             raise ValueError("this build's text graph takes no image_features (text-only export)")
-        decode = t == 1 and image_features is None
-        ctx = self.contexts["decode" if decode else "prefill"]
         with torch.cuda.stream(self.stream):
-            n = self.batch * t
+            n = rows_b * t
             self._ids[:n].copy_(torch.from_numpy(ids.reshape(-1)), non_blocking=False)
-            self._start.fill_(int(start_pos))
+            self._start[:rows_b].copy_(torch.from_numpy(starts), non_blocking=False)
             rows = 1
             if self._feats is not None:
                 if image_features is not None:
@@ -228,12 +265,12 @@ class TrtSession(Session):
                                          f"{self._feats.shape[0]} per chunk")
                     self._feats[:rows].copy_(f.to(self._feats.dtype))
                 ctx.set_input_shape("image_features", (rows, self.config.text.hidden_size))
-            ctx.set_input_shape("input_ids", (self.batch, t))
+            ctx.set_input_shape("input_ids", (rows_b, t))
             if decode and self.use_cuda_graph:
                 self._decode_step(ctx)
             elif not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            out = self._logits[:, -1, :].to("cpu", non_blocking=False)
+            out = self._logits[:rows_b, -1, :].to("cpu", non_blocking=False)
         self.stream.synchronize()
         return out.numpy().astype(np.float32, copy=False)
 

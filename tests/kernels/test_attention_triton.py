@@ -192,9 +192,9 @@ def _expected_tiles(start, t, s, ig, window, bm, bn):
     """From the reference mask: per (query tile), how many BN-aligned key tiles (old cache in
     position order, then chunk keys) hold at least one visible key for some query of the tile."""
     from g3export.modeling.attention import attention_mask, old_slot_positions
-    sp = torch.tensor(start)
+    sp = torch.tensor([start])
     mask = attention_mask(sp, t, s, ig, window)[0]  # [T, S + T] (batch row 0)
-    p_old = old_slot_positions(sp, s)
+    p_old = old_slot_positions(sp, s)[0]
     res = []
     for m0 in range(0, t, bm):
         rows = mask[m0:m0 + bm]
@@ -241,3 +241,45 @@ def test_empty_slots_never_read(window, s, start, t):
     vc2[:, :, start:] = float("nan")
     out = kt.attention_triton(q, k, v, kc2, vc2, sp, ig, window, 0.25)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# ---- every row at its own position (issue 13) ------------------------------------------------------
+
+@pytest.mark.parametrize("window,s", [(8, 8), (0, 64)])
+@pytest.mark.parametrize("t", [1, 5])
+def test_rows_at_own_positions(window, s, t):
+    """Rows at 3, 37 (past the window, a wrapped ring) and 0 (a restarted row over old contents):
+    prefill and split-K decode read each row's own start, against the reference."""
+    q, k, v, kc, vc, _, ig = _inputs(3, 4, 2, t, s, 16, 0, torch.float32)
+    sp = torch.tensor([3, 37, 0], dtype=torch.int64)
+    out = _check(q, k, v, kc, vc, sp, ig, window)
+    for r in range(3):  # and each row equals a batch-1 call of the reference at its start
+        sl = slice(r, r + 1)
+        want, _, _ = attention_reference(q[sl], k[sl], v[sl], kc[sl], vc[sl], sp[sl], ig[sl],
+                                         window, 0.25)
+        torch.testing.assert_close(out[sl], want, atol=2e-5, rtol=2e-5)
+
+
+def test_rows_sequence_with_reset():
+    """A chunked prefill then decode in two rows that started at different times; row 1 restarts
+    at 0 midway while row 0 continues. The in-place caches follow the reference's throughout."""
+    window, s = 8, 8
+    g = torch.Generator().manual_seed(5)
+    kc, vc = torch.randn(2, 2, s, 16, generator=g), torch.randn(2, 2, s, 16, generator=g)
+    rk, rv = kc.clone(), vc.clone()
+    pos = [0, 0]
+    for i, t in enumerate([5, 4, 1, 1, 3, 1, 1, 1]):
+        if i == 1:
+            pos[1] = 0   # row 1 joins one chunk later
+        if i == 5:
+            pos[1] = 0   # and restarts later on
+        sp = torch.tensor(pos, dtype=torch.int64)
+        q = torch.randn(2, 4, t, 16, generator=g)
+        k, v = torch.randn(2, 2, t, 16, generator=g), torch.randn(2, 2, t, 16, generator=g)
+        ig = torch.full((2, t), -1, dtype=torch.int64)
+        want, rk, rv = attention_reference(q, k, v, rk, rv, sp, ig, window, 0.25)
+        out = kt.attention_triton(q, k, v, kc, vc, sp, ig, window, 0.25)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+        assert torch.equal(kc, rk) and torch.equal(vc, rv)
+        pos = [p + t for p in pos]
+    assert pos[0] > window

@@ -2,8 +2,9 @@
 
 Same math and the same static cache layout as `g3export.modeling.attention.attention_reference`:
 
-    q [B, H, T, D], k/v [B, KV, T, D], k_cache/v_cache [B, KV, S, D], start_pos int64 [1] (on the
-    device), image_groups int64 [B, T], window W (0 = full layer), scale.
+    q [B, H, T, D], k/v [B, KV, T, D], k_cache/v_cache [B, KV, S, D], start_pos int64 [B] (on the
+    device; one start per row: every program loads its own row's), image_groups int64 [B, T],
+    window W (0 = full layer), scale.
 
 Query at position i sees key j iff (j <= i OR same image) AND (full OR j > i - W); the queries
 attend over the old cache contents and the chunk's own keys, and only then are the last min(T, S)
@@ -119,7 +120,7 @@ def _prefill_kernel(Q, K, V, KC, VC, O, START, G, KVHI, CNT,
     h = pid_bh % H
     kvh = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    start = tl.load(START)  # int64
+    start = tl.load(START + b)  # int64: this row's start
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -205,7 +206,7 @@ def _cache_write_kernel(K, V, KC, VC, START, sk_b, sk_h, sk_t, sc_b, sc_h, sc_s,
     pid_bk = tl.program_id(1)
     b = (pid_bk // KVN).to(tl.int64)
     kvh = (pid_bk % KVN).to(tl.int64)
-    start = tl.load(START)
+    start = tl.load(START + b)  # this row's start
     n = tl.minimum(T, S)
     i = pid * BLOCK + tl.arange(0, BLOCK)  # index among the kept keys
     ok = i < n
@@ -229,7 +230,7 @@ def _decode_split_kernel(Q, KC, VC, START, MP, LP, AP,
     pid_bk = tl.program_id(1)
     b = (pid_bk // KVN).to(tl.int64)
     kvh = (pid_bk % KVN).to(tl.int64)
-    start = tl.load(START)
+    start = tl.load(START + b)  # this row's start
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -285,7 +286,7 @@ def _decode_combine_kernel(Q, K, V, KC, VC, O, START, MP, LP, AP,
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     kvh = h // GROUP
-    start = tl.load(START)
+    start = tl.load(START + b)  # this row's start
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, SPLITS_P2)
     s_ok = offs_s < NUM_SPLITS
@@ -419,9 +420,12 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(-1) == 1
-    start_pos = start_pos.reshape(1)
+    start_pos = start_pos.reshape(-1)
     if start_pos.dtype != torch.int64:
         start_pos = start_pos.to(torch.int64)
+    if start_pos.numel() == 1 and b > 1:  # the old all-rows-alike form
+        start_pos = start_pos.expand(b).contiguous()
+    assert start_pos.numel() == b and start_pos.stride(0) == 1, "start_pos must be int64 [B]"
     interp = _interpreting()
     upcast = interp and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -527,7 +531,7 @@ def attention_triton_pointers(*, q: int, k: int, v: int, k_cache: int, v_cache: 
     pointer with the shapes/dtype from the plugin's tensor descriptors, and the launch must go on
     TensorRT's `stream`. Layouts are the op's contiguous ones:
 
-        q, out [B, H, T, D]; k, v [B, KV, T, D]; caches [B, KV, S, D]; start_pos int64 [1];
+        q, out [B, H, T, D]; k, v [B, KV, T, D]; caches [B, KV, S, D]; start_pos int64 [B];
         image_groups int64 [B, T]; dtype 'bf16' | 'fp16' | 'fp32'.
 
     In the plugin's enqueue:
@@ -556,7 +560,7 @@ def attention_triton_pointers(*, q: int, k: int, v: int, k_cache: int, v_cache: 
             o = tensor_from_pointer(v_cache_out, cache_shape, dt)
             o.copy_(tvc)
             tvc = o
-        tsp = tensor_from_pointer(start_pos, (1,), torch.int64)
+        tsp = tensor_from_pointer(start_pos, (batch,), torch.int64)  # one start per row
         tg = tensor_from_pointer(image_groups, (batch, t), torch.int64)
         to = tensor_from_pointer(out, (batch, heads, t, head_dim), dt)
         ws = None
