@@ -361,7 +361,7 @@ class OrtSession(Session):
             el = {"fp32": np.float32, "fp16": np.float16}[self.dtype]
             for past, present, ov in self._cache_values:
                 shape = ov.shape()
-                row_bytes = int(np.prod(shape[1:])) * _elem_size(ov.data_type())
+                row_bytes = int(np.prod(shape[1:])) * ORT_TYPE_BYTES[ov.data_type()]
                 ptr = ov.data_ptr() + row * row_bytes
                 for name, bind in ((past, b.bind_input), (present, b.bind_output)):
                     bind(name, self.device, 0, el, [1, *shape[1:]], ptr)
