@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from .export.trt.options import ATTENTIONS, RTX_COMPUTE_CAPABILITIES
 from .modeling.config import PRESETS
 
 
@@ -247,11 +248,11 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--out", type=click.Path(), default=None, help="Build directory (default: builds/<name>-<target>-<dtype>).")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
 @click.option("--all-logits", is_flag=True, help="Graphs return logits of every position.")
-@click.option("--attention", type=click.Choice(["plugin", "native"]), default=None,
+@click.option("--attention", type=click.Choice(list(ATTENTIONS)), default=None,
               help="trt/trt-rtx: attention as one TensorRT plugin node per layer (default) or as "
                    "standard ONNX Attention + TensorScatter (TensorRT's native layers).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
-              type=click.Choice(["8.0", "8.6", "8.9", "12.0", "12.1"]),
+              type=click.Choice(list(RTX_COMPUTE_CAPABILITIES)),
               help="trt-rtx: GPU architectures the engine targets (repeatable; default: the "
                    "library's). Not 9.0: TensorRT-RTX does not target H100/H200.")
 @click.option("--prefill-chunk", type=click.IntRange(1), default=None,

@@ -59,7 +59,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -175,12 +175,18 @@ class TextComponent(nn.Module):
 def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype: str = "fp32",
                 all_logits: bool = False, images: bool = False, dynamic_batch: bool = True,
                 progress: bool = True, file: str = "text.onnx",
-                translation_table: dict | None = None, opset: int = OPSET) -> ComponentIO:
+                translation_table: dict | None = None, opset: int = OPSET,
+                tie_lm_head: bool = True,
+                graph_passes: Sequence[Callable[[ir.Model], Any]] = ()) -> ComponentIO:
     """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
 
     The model is cast to `dtype` IN PLACE (the build owns it); its all_logits flag is set for the
     export and restored afterwards. translation_table/opset: another translation of g3.attention
-    (default: this package's ONNX Runtime one, opset 20).
+    (default: this package's ONNX Runtime one, opset 20). tie_lm_head=False keeps torch.onnx's
+    embedding layout ([vocab, hidden], Gather + MatMul(x, Transpose(E))) instead of
+    `_tie_lm_head`'s: TensorRT stores the ORT layout twice (g3export.export.trt.graph).
+    graph_passes: run in order on the finished graph before it is written (a TensorRT target's
+    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses.
     """
     out_dir = Path(out_dir)
     cfg = model.config
@@ -221,7 +227,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         reset_shared()
     m = prog.model
     embed = model.language_model.embed_tokens.weight
-    _tie_lm_head(m, embed)
+    if tie_lm_head:
+        _tie_lm_head(m, embed)
     _fold_weight_transposes(m)
     _fuse_rms_norm(m)
     if translation_table is None or translation_table is TRANSLATION_TABLE:
@@ -231,6 +238,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)
+    for graph_pass in graph_passes:
+        graph_pass(m)
     _check_io(m, io)
     save_with_external_data(m, out_dir / file, progress=progress)
     return io
