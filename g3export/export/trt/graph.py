@@ -8,18 +8,18 @@ TensorRT needs is decided at export time, through `EnginePlan.export_options()`:
 * `tie_lm_head=False`: the tied embedding stays in torch.onnx's own form, ONE [vocab, hidden]
   initializer read by `Gather(axis=0)` (the lookup) and by `MatMul(x, Transpose(E))` (the
   lm_head). The ONNX Runtime layout ([1, hidden, vocab], `Gather(axis=2)` + `MatMul`,
-  g3export.export.onnx_export._tie_lm_head) makes TensorRT-RTX store the embedding TWICE: measured
-  with TensorRT-RTX 1.7.1's CPU-only build of an embedding-dominated config (the tiny preset with
-  262144 rows, bf16, native attention: 34.0 MB of weights, of which 33.5 MB embedding), the
-  engine is 82.5 MB with the ORT layout and 48.9 MB with this one, against 15.5 MB for the same
-  model with 512 rows, i.e. 67.0 MB (2.0 copies) vs 33.4 MB (1.0 copy) of embedding in the
-  engine; a 2-D [vocab, hidden] `Gemm(transB=1)` lm_head gives 49.2 MB (also one copy).
-  BENCHMARKS.md §4 has the table and the command (benchmarks/trt_engine_bytes.py).
+  g3export.export.onnx_export._tie_lm_head) makes TensorRT-RTX store the embedding TWICE:
+  measured with TensorRT-RTX 1.7.1's CPU-only build of an embedding-dominated config (the tiny
+  preset with 262144 x 64 embedding rows, bf16, native attention: 34.0 MB of weights, 33.5 MB of
+  them embedding), the engine is 82.5 MB with the ORT layout and 48.9 MB with this one, against
+  15.4 MB for the same model with 512 rows: 67.0 MB (2.0 copies) vs 33.5 MB (1.0 copy) of
+  embedding in the engine; a 2-D [vocab, hidden] `Gemm(transB=1)` lm_head also keeps one copy.
+  BENCHMARKS.md §4.1 has the table and the command (benchmarks/trt_engine_bytes.py).
 * `graph_passes` (`tensorrt_passes`), run on the in-memory graph before it is saved: the
-  translation's `finalize`, then constant folding (`prepare_for_tensorrt`): the exporter (optimize=False)
-  leaves e.g. ReduceMean's axes as Reshape(Constant), which TensorRT's parser refuses ("Axis input
-  must resolve to a build-time constant"). onnxscript's folder never evaluates a large tensor
-  (its size limits), so the weights are not read by these passes: 0.07 s on the tiny preset.
+  translation's `finalize`, then constant folding (`prepare_for_tensorrt`): the exporter
+  (optimize=False) leaves e.g. ReduceMean's axes as Reshape(Constant), which TensorRT's parser
+  refuses ("Axis input must resolve to a build-time constant"). onnxscript's folder never
+  evaluates a large tensor (its size limits), so the weights are not read by these passes.
 """
 
 from __future__ import annotations

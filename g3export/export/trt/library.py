@@ -1,10 +1,10 @@
 """Which TensorRT library a target uses, importing it, and the libtensorrt_rtx.so fix.
 
-    target     library                 package                                   GPUs
-    ---------  ----------------------  ----------------------------------------  ----------------------
-    trt        TensorRT >= 10.6        `pip install 'g3export[tensorrt]'`         data-centre (H100...)
-    trt-rtx    TensorRT for RTX 1.7    `pip install 'g3export[trt-rtx]'`          RTX, cc 7.5/8.0/8.6/
-                                       (= tensorrt-rtx-cu13==1.7.1.116)           8.9/12.0/12.1 (not 9.0)
+    target   library               package                             GPUs
+    -------  --------------------  ----------------------------------  -------------------------
+    trt      TensorRT >= 10.6      pip install 'g3export[tensorrt]'    data-centre (H100...)
+    trt-rtx  TensorRT for RTX 1.7  pip install 'g3export[trt-rtx]'     RTX, cc 7.5/8.0/8.6/8.9/
+                                   (tensorrt-rtx-cu13==1.7.1.116)      12.0/12.1 (not 9.0)
 
 * `require_tensorrt(target)` returns the flavour's Python module or raises `TensorRTMissing` (a
   BuildError whose message says what to install and that `--target onnx` works). Call it before
