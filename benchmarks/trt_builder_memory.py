@@ -75,8 +75,9 @@ def main() -> None:
     wall = time.perf_counter() - t0
     build_peak = _children_peak_mib()
     man = json.loads((out / "manifest.json").read_text())
+    # cwd: `-c` puts the working directory first on sys.path, before PYTHONPATH
     proc = subprocess.run([sys.executable, "-c", _ENGINE_STEP, str(out)], env=env, check=True,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=a.out)
     step = json.loads(proc.stdout.split("RESULT", 1)[1])
     print(json.dumps({
         "size": a.size, "repo": str(a.repo), "wall_s": round(wall, 1),

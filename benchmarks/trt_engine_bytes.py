@@ -9,7 +9,8 @@ Transpose(E))), then re-writes that graph with the ONNX Runtime layout of the em
 ([1, hidden, vocab], Gather(axis=2) + MatMul, g3export.export.onnx_export._tie_lm_head) and with
 a 2-D Gemm(transB=1) lm_head, builds an engine from each, and builds the same model with a
 512-row vocabulary for the engine's fixed part (kernels). Prints, per layout, the engine bytes
-and the copies of the embedding in it: (engine - fixed part) / embedding bytes. No GPU needed.
+and the copies of the embedding in it: (engine - fixed part) / embedding bytes, and the peak RSS
+of the engine builder's child process (it parses the file by path). No GPU needed.
 """
 
 from __future__ import annotations
@@ -108,20 +109,21 @@ def main() -> None:
     weights = big.manifest["files"]["text.onnx.data"]["size"]
     embed = a.vocab * a.hidden * 2
     rows = [("g3export (TensorRT graph): [V, H], Gather + MatMul(x, Transpose(E))",
-             section["engines"]["text"]["bytes"])]
+             section["engines"]["text"]["bytes"], section["engines"]["text"]["peak_rss_mb"])]
     profiles = text_profiles(big.component("text"), section["prefill_chunk"])
     for kind, label in (("ort_3d", "ONNX Runtime layout: [1, H, V], Gather(axis=2) + MatMul"),
                         ("gemm_transB", "[V, H], Gather + Gemm(transB=1)")):
         onnx = _variant(big.root, kind, a.out / kind)
         info = build_engine(onnx, a.out / kind / "text.engine", "trt-rtx", profiles=profiles,
                             dtype="bf16", plugins=(), isolate=True)
-        rows.append((label, info.bytes))
+        rows.append((label, info.bytes, info.peak_rss_mb))
     print(f"tiny preset, embedding {a.vocab} x {a.hidden} bf16 = {embed:,} B; weights "
           f"{weights:,} B; engine of the 512-row model (fixed part) {fixed:,} B")
-    print("| embedding layout | engine bytes | engine / weights | embedding copies |")
-    print("|---|---|---|---|")
-    for label, n in rows:
-        print(f"| {label} | {n:,} | {n / weights:.2f} | {(n - fixed) / embed:.2f} |")
+    print("| embedding layout | engine bytes | engine / weights | embedding copies | builder peak "
+          "RSS MiB |")
+    print("|---|---|---|---|---|")
+    for label, n, peak in rows:
+        print(f"| {label} | {n:,} | {n / weights:.2f} | {(n - fixed) / embed:.2f} | {peak:.0f} |")
     shutil.rmtree(a.out, ignore_errors=True)
 
 
