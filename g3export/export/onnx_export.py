@@ -31,6 +31,8 @@ Graph details that matter for memory and speed (the passes run in this order aft
   [1, hidden, vocab]: `Gather(axis=2)` reads it for the lookup and the lm_head is a `MatMul` on
   it. The 3-D shape keeps ORT from pre-packing it; MLAS's unpacked single-row kernel streams it
   faster (0.85x the time of the packed `Gemm(transB=1)` it replaced, benchmarks/lm_head.py).
+  ONNX Runtime graphs only: TensorRT targets export with tie_lm_head=False and keep torch.onnx's
+  [vocab, hidden] form, which TensorRT stores once (this layout twice; g3export.export.trt.graph).
 * `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
   `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
   nothing to fold and no weight is transposed at session start.
