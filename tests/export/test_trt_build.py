@@ -5,8 +5,9 @@ CPU-only ahead-of-time build, manifest with the `tensorrt` section, hashes); the
 graphs, run by ONNX Runtime on CPU through the same generation loop (the native one with the
 engine's chunk limits: prefill chunks aligned to the window; the plugin one with its plugin nodes
 mapped to the reference op), give the PyTorch reference's greedy tokens past the window; the
-engine runtime refuses a GPU-less machine with a clear message. The real 270M is a slow test that
-prints build time, engine bytes and peak RSS.
+engine runtime refuses a GPU-less machine with a clear message; an engine holds each weight once
+(engine bytes <= 1.1x the weight bytes on an embedding-dominated config). The real 270M is a slow
+test that prints build time, engine bytes and peak RSS, and checks the same 1.1x bound.
 
 Everything that runs TensorRT skips, with the reason, when `tensorrt_rtx` is not importable
 (`pip install 'g3export[trt-rtx]'`).
