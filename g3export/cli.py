@@ -23,7 +23,7 @@ import click
 from .cli_types import BATCH, REPEAT, SEED, TEMPERATURE, TEXT, TOKENS, TOP_K, TOP_P
 from .dtypes import NAMES as DTYPE_NAMES
 from .export.manifest import TARGETS
-from .export.trt import RTX_COMPUTE_CAPABILITIES
+from .export.trt.options import ATTENTIONS, RTX_COMPUTE_CAPABILITIES
 from .modeling.cache import DEFAULT_PREFILL_CHUNK
 from .modeling.config import PRESETS
 
@@ -253,7 +253,7 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--out", type=click.Path(), default=None, help="Build directory (default: builds/<name>-<target>-<dtype>).")
 @click.option("--force", is_flag=True, help="Replace an existing build directory.")
 @click.option("--all-logits", is_flag=True, help="Graphs return logits of every position.")
-@click.option("--attention", type=click.Choice(["plugin", "native"]), default=None,
+@click.option("--attention", type=click.Choice(list(ATTENTIONS)), default=None,
               help="trt/trt-rtx: attention as one TensorRT plugin node per layer (default) or as "
                    "standard ONNX Attention + TensorScatter (TensorRT's native layers).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,

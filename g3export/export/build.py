@@ -146,8 +146,9 @@ def _check_components(cfg: ModelConfig, components) -> tuple[str, ...]:
 def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> TensorRTSection | None:
     """The TensorRT step of a `trt`/`trt-rtx` build (None for `onnx`): runs after the ONNX
     components are written into the partial directory and before files are hashed, so the
-    engines are covered by the manifest's sha256 list. Each component's .onnx is rewritten for
-    TensorRT and kept beside its engine (see g3export.export.trt.build_text_engine); the returned
+    engines are covered by the manifest's sha256 list. Each component's .onnx was written for
+    TensorRT by the export (EnginePlan.export_options) and is kept, unchanged, beside its engine
+    (see g3export.export.trt.build_text_engine); the returned
     section is the manifest's `tensorrt` section (flavour, version, compute capabilities, attention
     translation and plugin, profiles, engine bytes and build time). Only the text component gets
     an engine so far; a vision component stays ONNX (listed under `onnx_only`)."""

@@ -41,6 +41,8 @@ Graph details that matter for memory and speed (the passes run in this order aft
   [1, hidden, vocab]: `Gather(axis=2)` reads it for the lookup and the lm_head is a `MatMul` on
   it. The 3-D shape keeps ORT from pre-packing it; MLAS's unpacked single-row kernel streams it
   faster (0.85x the time of the packed `Gemm(transB=1)` it replaced, benchmarks/lm_head.py).
+  ONNX Runtime graphs only: TensorRT targets export with tie_lm_head=False and keep torch.onnx's
+  [vocab, hidden] form, which TensorRT stores once (this layout twice; g3export.export.trt.graph).
 * `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
   `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
   nothing to fold and no weight is transposed at session start.
@@ -65,7 +67,7 @@ Graph details that matter for memory and speed (the passes run in this order aft
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import onnx_ir as ir
 import torch
@@ -122,7 +124,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
                 progress: bool = True, file: str = "text.onnx",
                 translation_table: dict | None = None, opset: int = OPSET,
                 weights: WeightSource | None = None,
-                hashes: dict[str, dict] | None = None) -> ComponentIO:
+                hashes: dict[str, dict] | None = None, tie_lm_head: bool = True,
+                graph_passes: Sequence[Callable[[ir.Model], Any]] = ()) -> ComponentIO:
     """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
 
     model: a Gemma3Model, on the meta device (then `weights` gives every parameter) or
@@ -130,7 +133,11 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     `dtype` IN PLACE (the build owns it); its all_logits flag is set for the export and restored
     afterwards. translation_table/opset: another translation of g3.attention (default: this
     package's ONNX Runtime one, opset 20). hashes: if given, receives {data file: {"size",
-    "sha256", "mtime_ns"}} of the streamed .data file.
+    "sha256", "mtime_ns"}} of the streamed .data file. tie_lm_head=False keeps torch.onnx's
+    embedding layout ([vocab, hidden], Gather + MatMul(x, Transpose(E))) instead of
+    `_tie_lm_head`'s: TensorRT stores the ORT layout twice (g3export.export.trt.graph).
+    graph_passes: run in order on the finished graph before it is written (a TensorRT target's
+    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses.
     """
     out_dir = Path(out_dir)
     cfg = model.config
@@ -173,7 +180,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         reset_shared()
     m = prog.model
     attach_recipes(m, weight_lookup(model, weights))
-    _tie_lm_head(m, "model.language_model.embed_tokens.weight")
+    if tie_lm_head:
+        _tie_lm_head(m, "model.language_model.embed_tokens.weight")
     _fold_weight_transposes(m)
     _fuse_rms_norm(m)
     if translation_table is None or translation_table is TRANSLATION_TABLE:
@@ -183,6 +191,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)
+    for graph_pass in graph_passes:
+        graph_pass(m)
     _check_io(m, io)
     digests = save_with_external_data(m, out_dir / file, progress=progress)
     if hashes is not None:

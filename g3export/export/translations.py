@@ -6,11 +6,12 @@ plugs in (DESIGN §3.2):
     ort      g3export.export.onnx_attention           20     10   onnx (ONNX Runtime)
     native   g3export.export.onnx_native_attention    24     11   trt, trt-rtx (ORT runs it too)
     plugin   g3export.export.trt_plugin               20     10   trt, trt-rtx (default for trt)
+             (the IPluginV3 itself: g3export.export.kernels.trt_plugin)
 
 `Translation.table` goes to `torch.onnx.export(custom_translation_table=...)` with
 `opset_version=translation.opset`; after export the model's `ir_version` is set to
-`translation.ir_version` and `translation.finalize(model)` runs (then, for a TensorRT target,
-`g3export.export.trt.prepare_for_tensorrt`). The manifest records `name` and, for the plugin,
+`translation.ir_version`; for a TensorRT target `translation.finalize(model)` and constant
+folding then run before the file is written (g3export.export.trt.graph.tensorrt_passes). The manifest records `name` and, for the plugin,
 `plugin` = {"name", "namespace", "version"}.
 """
 

@@ -13,7 +13,7 @@ Contract:
   `from_build` raises `GpuRequired` (a BuildError: the CLI prints it without a traceback); without
   the library, `TensorRTMissing`. Importing this module needs neither.
 * Plugin builds (`tensorrt.attention == "plugin"`): the G3Attention plugin creator is registered
-  (g3export.export.trt_plugin.register_plugins) before the engine is deserialized.
+  (g3export.export.kernels.trt_plugin.register_plugins) before the engine is deserialized.
 * One engine, two optimization profiles (`prefill`: 1..prefill_chunk tokens, `decode`: 1 token),
   one execution context per profile.
 * The static KV cache (g3export.modeling.cache.kv_layout) is allocated ONCE on the GPU as torch
@@ -85,7 +85,7 @@ class TrtSession(Session):
             raise BuildError(f"{build.root}: the manifest has no TensorRT text engine; rebuild it "
                              f"with `g3export build ... --target {build.target}`")
         if section.attention == "plugin":
-            from ..export.trt_plugin import register_plugins
+            from ..export.kernels.trt_plugin import register_plugins
 
             register_plugins(trt)  # before deserializing: the engine names the plugin creator
         self.torch, self.trt = torch, trt

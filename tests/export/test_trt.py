@@ -25,6 +25,7 @@ import torch
 from g3export.export import onnx_native_attention as native
 from g3export.export import trt as trt_mod
 from g3export.export import trt_plugin
+from g3export.export.kernels import trt_plugin as plugin_runtime
 from g3export.export.trt import TensorRTMissing, require_tensorrt
 from g3export.modeling.attention import attention_reference
 
@@ -187,7 +188,7 @@ def test_plugin_compute_path_on_cpu():
     sp, g = torch.tensor([5]), torch.full((1, 3), -1)
     want = attention_reference(q, k, v, kc, vc, sp, g, W, SCALE)
     out = torch.empty_like(q)
-    assert trt_plugin.run_attention(q, k, v, kc, vc, sp, g, out, W, SCALE) == "reference"
+    assert plugin_runtime.run_attention(q, k, v, kc, vc, sp, g, out, W, SCALE) == "reference"
     for got, exp in zip((out, kc, vc), want):
         torch.testing.assert_close(got, exp)
 
@@ -253,6 +254,37 @@ def test_soname_fix_private_dir(tmp_path):
     assert trt_mod.ensure_rtx_soname(lib, tmp_path / "p3").method == "present"
 
 
+_REPO = str(Path(__file__).resolve().parents[2])
+
+
+def test_runtime_side_imports_no_exporter():
+    """What an engine runtime imports (the plugin class, the library loader, opening a TensorRT
+    session module) loads neither onnx, onnxscript nor onnx_ir: checked in a fresh interpreter."""
+    code = ("import sys\n"
+            "import g3export.export.kernels.trt_plugin, g3export.export.trt.library\n"
+            "import g3export.runtimes.trt_session\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('onnx', 'onnxscript', 'onnx_ir') or m == 'g3export.export.trt_plugin')\n"
+            "print('LOADED', bad)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": _REPO})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def test_compute_capabilities_one_table():
+    """The CLI's --compute-capability choices are the builder's table (they had drifted: 7.5)."""
+    from g3export.cli import build as build_cmd
+
+    opt = next(p for p in build_cmd.params if p.name == "compute_capabilities")
+    assert list(opt.type.choices) == list(trt_mod.RTX_COMPUTE_CAPABILITIES)
+    assert "7.5" in opt.type.choices and "9.0" not in opt.type.choices
+    with pytest.raises(trt_mod.EngineOptionError, match="not 9.0"):
+        trt_mod.check_options("trt-rtx", ["9.0"])
+    with pytest.raises(trt_mod.EngineOptionError, match="TensorRT-RTX option"):
+        trt_mod.check_options("trt", ["8.6"])
+
+
 # ---------------------------------------------------------------------------------------------
 # TensorRT-RTX: parse every node, create the plugin from the registry, serialize engines
 
@@ -300,6 +332,42 @@ def test_isolated_build_in_child_process(two, tmp_path):
 
 
 @needs_rtx
+def test_child_imports_this_package_not_a_decoy(two, tmp_path, monkeypatch):
+    """The isolated build's child imports the g3export the parent runs, even with a `g3export/`
+    directory in the working directory and on PYTHONPATH (python -m would have imported it)."""
+    decoy = tmp_path / "cwd"
+    (decoy / "g3export").mkdir(parents=True)
+    (decoy / "g3export" / "__init__.py").write_text("raise SystemExit('decoy g3export imported')\n")
+    monkeypatch.chdir(decoy)
+    monkeypatch.setenv("PYTHONPATH", str(decoy))
+    info = trt_mod.build_engine(two["plugin"], tmp_path / "e.engine", "trt-rtx",
+                                profiles=_two_profiles(), isolate=True)
+    assert info.layer_types == {"PLUGIN_V3": 2} and info.peak_rss_mb > 0
+
+
+@needs_rtx
+@pytest.mark.parametrize("flag", ["STRIP_PLAN", "REFIT_IDENTICAL"])
+def test_weight_stripped_engines_need_a_gpu(two, flag):
+    """Why the builds are not weight-stripped (README, TensorRT): TensorRT-RTX 1.7's CPU-only
+    build fails with STRIP_PLAN / REFIT_IDENTICAL (its JIT compile asks CUDA). When a version
+    builds one, this fails: then build stripped engines and refit them at load."""
+    trt = TRT_RTX
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(two["native"]))
+    config = builder.create_builder_config()
+    config.set_flag(getattr(trt.BuilderFlag, flag))
+    for prof in _two_profiles():
+        p = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in prof.shapes.items():
+            p.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(p)
+    assert builder.build_serialized_network(network, config) is None
+
+
+@needs_rtx
 def test_native_builds_with_tensorrt_rtx(two, tmp_path):
     with pytest.raises(trt_mod.EngineBuildError):  # a prefill profile longer than the ring
         trt_mod.build_engine(two["native"], tmp_path / "n.engine", "trt-rtx",
@@ -318,8 +386,8 @@ def test_native_builds_with_tensorrt_rtx(two, tmp_path):
 
 @needs_rtx
 def test_plugin_builds_with_tensorrt_rtx(two, tmp_path):
-    trt_plugin.register_plugins(TRT_RTX)
-    plugin_cls, _ = trt_plugin.plugin_classes(TRT_RTX)
+    plugin_runtime.register_plugins(TRT_RTX)
+    plugin_cls, _ = plugin_runtime.plugin_classes(TRT_RTX)
     made: list[dict] = []
     orig = plugin_cls.__init__
 
@@ -419,12 +487,9 @@ def _export_tiny(out: Path, which: str):
     from g3export.export import translations
 
     tr = translations.get(which)
-    io = oe.export_text(model, out / "raw", MAX_CONTEXT, progress=False,
-                        translation_table=tr.table, opset=tr.opset)
-    m = ir.load(out / "raw" / "text.onnx")
-    native.finalize(m)
-    trt_mod.prepare_for_tensorrt(m)
-    oe.save_with_external_data(m, out / "text.onnx", progress=False)
+    # what a TensorRT build writes (EnginePlan.export_options): the file is final as exported
+    io = oe.export_text(model, out, MAX_CONTEXT, progress=False, translation_table=tr.table,
+                        opset=tr.opset, tie_lm_head=False, graph_passes=trt_mod.tensorrt_passes(tr))
     torch.manual_seed(0)
     return io, Gemma3Model(preset("tiny")).eval()
 

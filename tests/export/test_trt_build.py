@@ -5,8 +5,9 @@ CPU-only ahead-of-time build, manifest with the `tensorrt` section, hashes); the
 graphs, run by ONNX Runtime on CPU through the same generation loop (the native one with the
 engine's chunk limits: prefill chunks aligned to the window; the plugin one with its plugin nodes
 mapped to the reference op), give the PyTorch reference's greedy tokens past the window; the
-engine runtime refuses a GPU-less machine with a clear message. The real 270M is a slow test that
-prints build time, engine bytes and peak RSS.
+engine runtime refuses a GPU-less machine with a clear message; an engine holds each weight once
+(engine bytes <= 1.1x the weight bytes on an embedding-dominated config). The real 270M is a slow
+test that prints build time, engine bytes and peak RSS, and checks the same 1.1x bound.
 
 Everything that runs TensorRT skips, with the reason, when `tensorrt_rtx` is not importable
 (`pip install 'g3export[trt-rtx]'`).
@@ -230,6 +231,44 @@ def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
           f"{man['files']['text.onnx.data']['size']} bytes, peak RSS {peak_mb:.0f} MiB "
           f"(largest child so far)")
     assert e["bytes"] > 100 << 20
+    weights = man["files"]["text.onnx.data"]["size"]
+    if e["bytes"] > 1.1 * weights:  # known gap (BENCHMARKS.md §4.2): not yet fixed, flips to pass
+        pytest.xfail(f"the engine holds {e['bytes'] / weights:.2f}x the weights: TensorRT-RTX "
+                     "keeps the per-layer weights once per optimization profile (prefill, decode)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines hold each weight once (issue 12): an embedding-dominated config
+
+
+def test_engine_holds_each_weight_once(tmp_path):
+    """The tiny preset with a 262144 x 512 bf16 embedding (268 MB of 270 MB of weights): the engine
+    is at most 1.1x the weight bytes. With the ONNX Runtime embedding layout ([1, hidden, vocab],
+    Gather(axis=2) + MatMul) TensorRT-RTX stored the embedding twice (2.4x on the 64-wide version
+    of this config; BENCHMARKS.md §4). The other ~15 MB of an engine are kernels, whatever the
+    model size (the tiny preset's engine), hence a config where the weights are ~18x that."""
+    import dataclasses
+
+    import torch
+
+    from g3export.export.build import build, load_build
+    from g3export.modeling.config import preset
+    from g3export.modeling.weights import build_model
+
+    tiny = preset("tiny")
+    cfg = dataclasses.replace(tiny, name="tiny-wide-vocab",
+                              text=dataclasses.replace(tiny.text, vocab_size=262144,
+                                                       hidden_size=512))
+    model = build_model(cfg, weights="random", dtype=torch.bfloat16)
+    out = build(model, None, tmp_path / "b", target="trt-rtx", dtype="bf16", max_context=32,
+                progress=False, trt_options={"attention": "native",
+                                             "compute_capabilities": ["12.0"]})
+    del model
+    b = load_build(out)
+    weights = b.manifest["files"]["text.onnx.data"]["size"]
+    engine = b.manifest["tensorrt"]["engines"]["text"]["bytes"]
+    assert weights > 262144 * 512 * 2
+    assert engine <= 1.1 * weights, f"the engine holds {engine / weights:.2f}x the weights"
 
 
 @pytest.mark.parametrize("attention", ["plugin", "native"])

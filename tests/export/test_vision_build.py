@@ -312,22 +312,22 @@ def test_native_translation_with_images_on_ort(models, pixels, tmp_path, n_image
     import onnx_ir as ir
 
     from g3export.export import onnx_export as oe
-    from g3export.export import onnx_native_attention as native
     from g3export.export import translations
+    from g3export.export.trt import tensorrt_passes
 
     hf, _, ckpt, _ = models
     tr = translations.get("native")
     max_context = 64
-    io = oe.export_text(build_model(checkpoint=ckpt), tmp_path / "raw", max_context, images=True,
-                        progress=False, translation_table=tr.table, opset=tr.opset)
-    m = ir.load(tmp_path / "raw" / "text.onnx")
-    native.finalize(m)
+    # the graph exactly as a TensorRT build writes it (EnginePlan.export_options)
+    io = oe.export_text(build_model(checkpoint=ckpt), tmp_path, max_context, images=True,
+                        progress=False, translation_table=tr.table, opset=tr.opset,
+                        tie_lm_head=False, graph_passes=tensorrt_passes(tr))
+    m = ir.load(tmp_path / "text.onnx")
     attention = [n for n in m.graph if n.op_type == "Attention"]
     assert len(attention) == TINY.text.num_hidden_layers
     assert all(len(n.outputs) == 1 for n in attention)
     assert "TensorScatter" in {n.op_type for n in m.graph}
     assert "RotaryEmbedding" not in {n.op_type for n in m.graph}  # standard ONNX only
-    oe.save_with_external_data(m, tmp_path / "text.onnx", progress=False)
     sess = _NativeFileSession(tmp_path / "text.onnx", io, TINY, max_context)
 
     pv = pixels[:n_images]
