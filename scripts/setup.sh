@@ -12,6 +12,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,trt-rtx]"
+  # the tritonserver binary for tests/serve; --no-deps: its Python API (unused here) pins numpy<2
+  .venv/bin/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
 else
   .venv/bin/python -m pip install -q -e .
 fi

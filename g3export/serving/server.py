@@ -57,12 +57,11 @@ class TritonInstall:
 
 def find_tritonserver() -> TritonInstall:
     """The pytriton wheel's server, else `tritonserver` on PATH; ServerError if neither."""
-    try:
-        import pytriton
-    except ImportError:
-        pytriton = None
-    if pytriton is not None:
-        root = Path(pytriton.__file__).resolve().parent
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")  # not imported: its Python API is not used
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).resolve().parent
         dist = root / "tritonserver"
         version = f"{sys.version_info[0]}.{sys.version_info[1]}"
         stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
