@@ -148,7 +148,8 @@ def stub_numpy_dir() -> Path | None:
     that predates numpy 2's ABI: under numpy 2 it reads a dtype's item size from the wrong place,
     so input_ids [1, 2, 3] arrive as [1, 1, 1] and string tensors fail to decode (seen here).
     NVIDIA's 24.x containers ship numpy 1.x, so this only concerns the wheel next to numpy 2.
-    onnxruntime, tokenizers and Pillow work with either. The directory is $G3EXPORT_STUB_NUMPY, or
+    onnxruntime, tokenizers, torch and Pillow work with either; ml_dtypes (imported through onnx-ir
+    when a build's manifest is read) needs its numpy-1.x release next to it, 0.5. The directory is $G3EXPORT_STUB_NUMPY, or
     a cache (~/.cache/g3export/stub-numpy1-pyX.Y) filled once with `pip install --target`.
     """
     import numpy
@@ -159,13 +160,14 @@ def stub_numpy_dir() -> Path | None:
     if given:
         return Path(given)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "g3export" / \
-        f"stub-numpy1-py{sys.version_info[0]}.{sys.version_info[1]}"
+        f"stub-numpy1-v2-py{sys.version_info[0]}.{sys.version_info[1]}"
     if (cache / "numpy" / "__init__.py").is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--target", str(tmp), "numpy>=1.26,<2"], capture_output=True, text=True)
+                        "--target", str(tmp), "numpy>=1.26,<2", "ml_dtypes>=0.5,<0.6"],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ServerError("the Triton Python backend needs numpy 1.x next to this numpy "
@@ -222,7 +224,7 @@ class TritonServer:
             raise
         return self
 
-    def log_tail(self, n: int = 30) -> str:
+    def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
         except OSError:
