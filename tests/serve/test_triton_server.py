@@ -26,7 +26,7 @@ def stream_ids(url, body):
     return ids, "".join(text)
 
 
-def run_all(url, bodies):
+def run_all(url, bodies, timeout=600):
     """Every body at once, one thread each; -> [(ids, text) or ServerError]."""
     out = [None] * len(bodies)
 
@@ -39,7 +39,7 @@ def run_all(url, bodies):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(timeout)
     return out
 
 
@@ -104,20 +104,6 @@ def test_cancelled_stream_frees_its_slot(tiny_server):
     got = run_all(tiny_server.url, [{"input_ids": [2, 7], "max_tokens": 3}] * 2)
     assert all(len(g[0]) >= 1 for g in got), got
     assert time.monotonic() - t < 60
-
-
-def test_sample_client_streams_a_chat(tiny_server):
-    r = subprocess.run([sys.executable, str(ROOT / "samples" / "client.py"), "--url",
-                        tiny_server.url, "--max-tokens", "5", "--json"],
-                       input="hello world\nwhat did i say\n", capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    turns = [__import__("json").loads(l) for l in r.stdout.splitlines()]
-    assert len(turns) == 2 and all(1 <= len(t["output_ids"]) <= 5 for t in turns)
-    r = subprocess.run([sys.executable, str(ROOT / "samples" / "client.py"), "--url",
-                        tiny_server.url, "--prompt-ids", ",".join(["2"] * MAX_CONTEXT)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "context" in r.stderr
 
 
 def test_serve_cli_stops_on_sigint(tiny_text_build, triton_install):
