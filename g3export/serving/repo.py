@@ -44,7 +44,8 @@ def config_pbtxt(build_dir: str, kind: str, max_batch: int, provider: str, has_v
     inputs = [inp("text_input", "TYPE_STRING", 1), inp("input_ids", "TYPE_INT64", -1),
               inp("chat_template", "TYPE_BOOL", 1), inp("max_tokens", "TYPE_INT32", 1),
               inp("temperature", "TYPE_FP32", 1), inp("top_k", "TYPE_INT32", 1),
-              inp("top_p", "TYPE_FP32", 1), inp("seed", "TYPE_INT64", 1)]
+              inp("top_p", "TYPE_FP32", 1), inp("seed", "TYPE_INT64", 1),
+              inp("stream", "TYPE_BOOL", 1)]
     if has_vision:
         inputs.append(inp("image", "TYPE_STRING", -1))
     params = {"build_dir": build_dir, "max_batch": max_batch, "provider": provider,

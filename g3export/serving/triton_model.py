@@ -5,6 +5,8 @@ exists.
 
 * initialize: opens the build named by the `build_dir` parameter (a relative path is taken from
   the model's directory), a session of `max_batch` slots, and starts the scheduler's thread.
+* Triton's /generate endpoint takes exactly one response: a request with the optional input
+  `stream` false gets one (every token, FINAL); streaming is the default (generate_stream).
 * execute: for each request, parses it (g3export.serving.requests) and submits it; a bad request
   gets one error response (pb_utils.TritonError, one line) with the FINAL flag and the others go
   on. A thread per request turns the scheduler's events into responses: `text_output` (the new
@@ -31,7 +33,7 @@ from .requests import RequestError, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUTS = ("text_input", "input_ids", "chat_template", "image", "max_tokens", "temperature",
-          "top_k", "top_p", "seed")
+          "top_k", "top_p", "seed", "stream")
 
 
 def open_session(build_dir: Path, max_batch: int, provider: str):
@@ -81,6 +83,7 @@ class TritonPythonModel:
                 if pixels is not None:
                     req.image_features = self.session.image_features(pixels)
                 stream = self.scheduler.submit(req)
+                streaming = bool(np.asarray(inputs.get("stream", [True])).reshape(-1)[0])
             except (UserError, ValueError) as e:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     " ".join(str(e).split()))), flags=FINAL)
@@ -89,13 +92,17 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"internal error: {type(e).__name__}: {e}")), flags=FINAL)
                 continue
-            th = threading.Thread(target=self._send, args=(stream, sender), daemon=True)
+            th = threading.Thread(target=self._send, args=(stream, sender, streaming),
+                                  daemon=True)
             self.senders.add(th)
             th.start()
         return None
 
-    def _send(self, stream, sender) -> None:
+    def _send(self, stream, sender, streaming: bool = True) -> None:
+        """Events -> responses: one per token, or (streaming false: what /generate needs) one
+        response holding every token, flagged FINAL."""
         decoder = self.tokenizer.stream() if self.tokenizer is not None else None
+        texts, ids = [], []
         try:
             for ev in stream:
                 if sender.is_cancelled():
@@ -107,12 +114,20 @@ class TritonPythonModel:
                     return
                 if ev.token_id is not None:
                     text = decoder.feed(ev.token_id) if decoder is not None else ""
-                    sender.send(_response(text, [ev.token_id]))
+                    if streaming:
+                        sender.send(_response(text, [ev.token_id]))
+                    else:
+                        texts.append(text)
+                        ids.append(ev.token_id)
                 elif decoder is not None:
                     rest = decoder.flush()
-                    if rest:
+                    if rest and streaming:
                         sender.send(_response(rest, []))
-            sender.send(flags=FINAL)
+                    texts.append(rest)
+            if streaming:
+                sender.send(flags=FINAL)
+            else:
+                sender.send(_response("".join(texts), ids), flags=FINAL)
         finally:
             self.senders.discard(threading.current_thread())
 

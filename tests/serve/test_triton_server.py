@@ -134,3 +134,18 @@ def test_serve_cli_stops_on_sigint(tiny_text_build, triton_install):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_generate_endpoint_with_stream_false(tiny_server, reference):
+    import json
+    import urllib.request
+
+    from g3export.runtimes.generate import generate
+
+    body = {"input_ids": [2, 5, 6], "max_tokens": 6, "stream": False}
+    req = urllib.request.Request(tiny_server.url + "/v2/models/gemma3/generate",
+                                 data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out = json.loads(r.read())
+    want = generate(reference[0], [2, 5, 6], 6).token_ids
+    assert client.ids_of(out) == want and out["text_output"] == reference[1].decode(want)
