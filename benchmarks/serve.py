@@ -2,7 +2,7 @@
 1, 4 and 8 concurrent streams, through a real tritonserver (`g3export serve`'s path) and through
 the scheduler alone (no server), over one build.
 
-    python benchmarks/serve.py /work/scratch/triton/270m --requests 8 --prompt-len 128 --new-tokens 64
+    python benchmarks/serve.py builds/270m --requests 8 --prompt-len 128 --new-tokens 64
 
 Each setting sends the same `--requests` greedy requests (distinct prompts of --prompt-len ids),
 `concurrency` at a time (a new one starts when one ends); concurrency 1 is the "one after another"
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     rng = np.random.default_rng(0)
-    return [[2, *rng.integers(1000, min(vocab, 200000), size=length - 1).tolist()] for _ in range(n)]
+    hi = min(vocab, 200000)
+    return [[2, *rng.integers(1000, hi, size=length - 1).tolist()] for _ in range(n)]
 
 
 def measure(one, bodies, concurrency: int) -> dict:

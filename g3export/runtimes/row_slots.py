@@ -46,7 +46,8 @@ class RowSlotsSession(Session):
         self._current = 0
 
     @classmethod
-    def from_build(cls, build_dir, batch: int, provider: str = "cpu", **kwargs) -> "RowSlotsSession":
+    def from_build(cls, build_dir, batch: int, provider: str = "cpu",
+                   **kwargs) -> "RowSlotsSession":
         return cls(OrtSession.from_build(build_dir, provider=provider, batch=1, **kwargs), batch)
 
     def _use(self, row: int) -> None:

@@ -67,7 +67,8 @@ def find_tritonserver() -> TritonInstall:
         stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
         binary = dist / "bin" / "tritonserver"
         if binary.is_file() and stub.is_file():
-            return TritonInstall(binary, dist / "backends", stub, root.parent / "nvidia_pytriton.libs")
+            libs = root.parent / "nvidia_pytriton.libs"
+            return TritonInstall(binary, dist / "backends", stub, libs)
         if binary.is_file():
             raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} "
                               f"(looked for {stub}); run g3export serve with Python 3.8-3.13")
@@ -147,10 +148,11 @@ def stub_numpy_dir() -> Path | None:
     Why: the Python backend stub of Triton 2.51 (the pytriton wheel's) is built with a pybind11
     that predates numpy 2's ABI: under numpy 2 it reads a dtype's item size from the wrong place,
     so input_ids [1, 2, 3] arrive as [1, 1, 1] and string tensors fail to decode (seen here).
-    NVIDIA's 24.x containers ship numpy 1.x, so this only concerns the wheel next to numpy 2.
-    onnxruntime, tokenizers, torch and Pillow work with either; ml_dtypes (imported through onnx-ir
-    when a build's manifest is read) needs its numpy-1.x release next to it, 0.5. The directory is $G3EXPORT_STUB_NUMPY, or
-    a cache (~/.cache/g3export/stub-numpy1-pyX.Y) filled once with `pip install --target`.
+    The same stub in NVIDIA's container needs numpy 1.x there too (the README's command pins it).
+    onnxruntime, tokenizers, torch and Pillow work with either; ml_dtypes (imported through
+    onnx-ir when a build's manifest is read) needs its numpy-1.x release next to it, 0.5. The
+    directory is $G3EXPORT_STUB_NUMPY, or a cache (~/.cache/g3export/stub-numpy1-v2-pyX.Y) filled
+    once with `pip install --target`.
     """
     import numpy
 

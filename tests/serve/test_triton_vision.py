@@ -33,7 +33,8 @@ def test_base64_image_through_the_server(vision_build, tmp_path, triton_install)
     from g3export.runtimes.ort_session import OrtSession
 
     png = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(png)
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(png)
     session = OrtSession.from_build(vision_build)
     cfg = session.config
     ids = [2, 7, cfg.boi_token_id, *[cfg.image_token_id] * cfg.mm_tokens_per_image,
