@@ -98,8 +98,9 @@ def decode_images(values, cfg) -> tuple[np.ndarray | None, list[int]]:
             os.unlink(p)
 
 
-def parse_request(inputs: dict, tokenizer, cfg, default_max_tokens: int):
-    """-> (Request without image features, pixel values or None). See the module docstring."""
+def parse_request(inputs: dict, tokenizer, cfg, default_max_tokens: int, image_features=None):
+    """-> scheduler Request. image_features(pixel values) -> features is called when the request
+    holds images (the session's vision graph). See the module docstring."""
     from ..runtimes.prompt import build_prompt_ids, check_prompt_image_tokens
 
     text, ids = inputs.get("text_input"), inputs.get("input_ids")
@@ -124,4 +125,10 @@ def parse_request(inputs: dict, tokenizer, cfg, default_max_tokens: int):
         chat = _scalar(inputs, "chat_template", bool)
         prompt = build_prompt_ids(tokenizer, cfg, _text(flat[0]),
                                   chat_template=True if chat is None else chat, images=views)
-    return Request(prompt_ids=prompt, max_new_tokens=max_tokens, sampling=sampling), pixels
+    feats = None
+    if pixels is not None:
+        if image_features is None:
+            raise RequestError("images need the build's vision component")
+        feats = image_features(pixels)
+    return Request(prompt_ids=prompt, max_new_tokens=max_tokens, sampling=sampling,
+                   image_features=feats)

@@ -78,10 +78,8 @@ class TritonPythonModel:
                     t = pb_utils.get_input_tensor_by_name(request, name)
                     if t is not None:
                         inputs[name] = t.as_numpy()
-                req, pixels = parse_request(inputs, self.tokenizer, self.session.config,
-                                            self.default_max_tokens)
-                if pixels is not None:
-                    req.image_features = self.session.image_features(pixels)
+                req = parse_request(inputs, self.tokenizer, self.session.config,
+                                    self.default_max_tokens, self.session.image_features)
                 stream = self.scheduler.submit(req)
                 streaming = bool(np.asarray(inputs.get("stream", [True])).reshape(-1)[0])
             except (UserError, ValueError) as e:

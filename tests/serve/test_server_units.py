@@ -41,11 +41,11 @@ def test_bad_requests(inputs, match):
 
 
 def test_sampling_follows_run():
-    req, _ = parse_request({"input_ids": np.array([2, 3]), "seed": np.array([5])}, None,
-                           preset("tiny"), 16)
+    req = parse_request({"input_ids": np.array([2, 3]), "seed": np.array([5])}, None,
+                        preset("tiny"), 16)
     assert req.sampling.greedy and req.max_new_tokens == 16  # a seed alone stays greedy
-    req, _ = parse_request({"input_ids": np.array([2, 3]), "top_p": np.array([0.9], np.float32),
-                            "seed": np.array([5])}, None, preset("tiny"), 16)
+    req = parse_request({"input_ids": np.array([2, 3]), "top_p": np.array([0.9], np.float32),
+                         "seed": np.array([5])}, None, preset("tiny"), 16)
     assert not req.sampling.greedy and req.sampling.temperature == 1.0 and req.sampling.seed == 5
 
 
