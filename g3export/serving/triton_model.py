@@ -98,34 +98,50 @@ class TritonPythonModel:
 
     def _send(self, stream, sender, streaming: bool = True) -> None:
         """Events -> responses: one per token, or (streaming false: what /generate needs) one
-        response holding every token, flagged FINAL."""
+        response holding every token, flagged FINAL. A client that has gone away (Triton marks
+        the request cancelled, or a send fails) cancels the stream, which frees its slot; the
+        events are read to the end either way."""
         decoder = self.tokenizer.stream() if self.tokenizer is not None else None
-        texts, ids = [], []
+        texts, ids, gone = [], [], False
+
+        def send(response=None, flags=0) -> None:
+            nonlocal gone
+            if gone and not flags:  # the FINAL flag is always sent: it releases the request
+                return
+            try:
+                if response is None:
+                    sender.send(flags=flags)
+                else:
+                    sender.send(response, flags=flags)
+            except Exception:  # noqa: BLE001 - the request is gone; stop generating for it
+                gone = True
+                stream.cancel()
+
         try:
             for ev in stream:
-                if sender.is_cancelled():
+                if not gone and sender.is_cancelled():
+                    gone = True
                     stream.cancel()
-                    continue
                 if ev.finish_reason == "error":
-                    sender.send(pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(ev.error or "generation failed")), flags=FINAL)
+                    send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        " ".join((ev.error or "generation failed").split()))), FINAL)
                     return
                 if ev.token_id is not None:
                     text = decoder.feed(ev.token_id) if decoder is not None else ""
                     if streaming:
-                        sender.send(_response(text, [ev.token_id]))
+                        send(_response(text, [ev.token_id]))
                     else:
                         texts.append(text)
                         ids.append(ev.token_id)
                 elif decoder is not None:
                     rest = decoder.flush()
                     if rest and streaming:
-                        sender.send(_response(rest, []))
+                        send(_response(rest, []))
                     texts.append(rest)
             if streaming:
-                sender.send(flags=FINAL)
+                send(flags=FINAL)
             else:
-                sender.send(_response("".join(texts), ids), flags=FINAL)
+                send(_response("".join(texts), ids), FINAL)
         finally:
             self.senders.discard(threading.current_thread())
 
