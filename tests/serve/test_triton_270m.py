@@ -44,7 +44,8 @@ def test_270m_concurrent_streams_equal_generate(build_270m, tmp_path, triton_ins
     prompts = [build_prompt_ids(tok, session.config, t) for t in texts]
     assert max(map(len, prompts)) > 512
     want = [generate(session, p, 8).token_ids for p in prompts]
-    del session
+    del session  # the server's process loads its own copy
+    __import__("gc").collect()
     server = start_server(build_270m, tmp_path / "repo", triton_install, 4)
     procs = tree(server.proc.pid)
     try:
