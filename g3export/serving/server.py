@@ -151,8 +151,9 @@ def stub_numpy_dir() -> Path | None:
     The same stub in NVIDIA's container needs numpy 1.x there too (the README's command pins it).
     onnxruntime, tokenizers, torch and Pillow work with either; ml_dtypes (imported through
     onnx-ir when a build's manifest is read) needs its numpy-1.x release next to it, 0.5. The
-    directory is $G3EXPORT_STUB_NUMPY, or a cache (~/.cache/g3export/stub-numpy1-v2-pyX.Y) filled
-    once with `pip install --target`.
+    directory is $G3EXPORT_STUB_NUMPY, or <sys.prefix>/g3export-stub-numpy1 (scripts/setup.sh dev
+    fills it, so tests need no network), or a cache (~/.cache/g3export/stub-numpy1-v2-pyX.Y)
+    filled once with `pip install --target`.
     """
     import numpy
 
@@ -161,6 +162,9 @@ def stub_numpy_dir() -> Path | None:
     given = os.environ.get("G3EXPORT_STUB_NUMPY")
     if given:
         return Path(given)
+    in_env = Path(sys.prefix) / "g3export-stub-numpy1"  # filled by scripts/setup.sh dev
+    if (in_env / "numpy" / "__init__.py").is_file():
+        return in_env
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "g3export" / \
         f"stub-numpy1-v2-py{sys.version_info[0]}.{sys.version_info[1]}"
     if (cache / "numpy" / "__init__.py").is_file():
