@@ -56,3 +56,26 @@ def test_images_base64_only():
         with pytest.raises(RequestError, match=match):
             parse_request({"input_ids": np.array([2, 3]), "image": np.array([bad], dtype=object)},
                           None, cfg, 16)
+
+
+def test_triton_repo_cli(tiny_text_build, tmp_path):
+    from click.testing import CliRunner
+    from g3export.cli import main
+
+    r = CliRunner().invoke(main, ["triton-repo", str(tiny_text_build), "--out", str(tmp_path / "a"),
+                                  "--max-batch", "3", "--build-path", "/build"])
+    assert r.exit_code == 0, r.output
+    cfg = (tmp_path / "a" / "gemma3" / "config.pbtxt").read_text()
+    assert '"/build"' in cfg and 'key: "max_batch" value: { string_value: "3" }' in cfg
+    assert "g3export.serving.triton_model" in (tmp_path / "a/gemma3/1/model.py").read_text()
+    r = CliRunner().invoke(main, ["triton-repo", str(tiny_text_build), "--out",
+                                  str(tmp_path / "a")])
+    assert r.exit_code != 0 and "--force" in r.output
+    r = CliRunner().invoke(main, ["triton-repo", str(tiny_text_build), "--out", str(tmp_path / "b"),
+                                  "--copy-build"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b/gemma3/build/manifest.json").is_file()
+    assert 'string_value: "build"' in (tmp_path / "b/gemma3/config.pbtxt").read_text()
+    r = CliRunner().invoke(main, ["triton-repo", str(tmp_path / "nothing"), "--out",
+                                  str(tmp_path / "c")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
