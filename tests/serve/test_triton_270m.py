@@ -39,8 +39,8 @@ def test_270m_concurrent_streams_equal_generate(build_270m, tmp_path, triton_ins
     session = OrtSession.from_build(build_270m)
     tok = Tokenizer.from_json_file(build_270m / "tokenizer.json")
     words = "the quick brown fox jumps over the lazy dog and keeps running ".split()
-    texts = [" ".join(words * (1 + 9 * i))[: 40 + 350 * i] + " What animal is this about?"
-             for i in range(8)]  # 10..~700 tokens: the longer ones past the 512 window
+    texts = [" ".join(words * (1 + 9 * i))[: 40 + 500 * i] + " What animal is this about?"
+             for i in range(8)]  # 10..~750 tokens: the longer ones past the 512 window
     prompts = [build_prompt_ids(tok, session.config, t) for t in texts]
     assert max(map(len, prompts)) > 512
     want = [generate(session, p, 8).token_ids for p in prompts]
