@@ -12,6 +12,11 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,trt-rtx]"
+  # the tritonserver binary for tests/serve; --no-deps: its Python API (unused here) pins numpy<2
+  .venv/bin/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
+  # numpy 1.x for Triton 2.51's Python backend stub (see g3export/serving/server.py: stub_numpy_dir)
+  .venv/bin/python -m pip install -q --no-deps --target .venv/g3export-stub-numpy1 \
+    "numpy>=1.26,<2" "ml_dtypes>=0.5,<0.6"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -164,3 +164,29 @@ def test_describe_image_sample_refuses_text_only_build(tiny_build, tmp_path):
     proc = _run("describe_image.py", str(tiny_build), str(img))
     assert proc.returncode != 0
     assert "vision" in proc.stderr
+
+
+def test_client_streams_a_chat_from_a_real_server(tiny_build, tmp_path):
+    """samples/client.py against `g3export triton-repo` + a real tritonserver on 127.0.0.1."""
+    from g3export.serving.server import ServerError, find_tritonserver
+    from tests.serve.conftest import assert_gone, start_server, tree
+
+    try:
+        install = find_tritonserver()
+    except ServerError as e:
+        pytest.skip(str(e))
+    server = start_server(tiny_build, tmp_path / "repo", install, max_batch=2)
+    procs = tree(server.proc.pid)
+    try:
+        client = [sys.executable, str(SAMPLES / "client.py"), "--url", server.url]
+        r = subprocess.run([*client, "--max-tokens", "5", "--json"], capture_output=True,
+                           text=True, input="hello world\nwhat did i say\n", timeout=120)
+        assert r.returncode == 0, r.stderr
+        turns = [json.loads(line) for line in r.stdout.splitlines()]
+        assert len(turns) == 2 and all(1 <= len(t["output_ids"]) <= 5 for t in turns)
+        r = subprocess.run([*client, "--prompt-ids", ",".join(["2"] * MAX_CONTEXT)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "context" in r.stderr
+    finally:
+        server.stop()
+    assert_gone(procs)

@@ -14,7 +14,9 @@ from pathlib import Path
 from ..export.manifest import ENGINE_TARGETS, BuildError, load_build
 
 
-def open_build(build_dir: str | Path, provider: str = "cpu"):
+def open_build(build_dir: str | Path, provider: str = "cpu", batch: int = 1):
+    """(session with `batch` sequence slots, tokenizer or None) for a build directory: the
+    manifest's target picks ONNX Runtime or the TensorRT engine runtime."""
     from .tokenizer import Tokenizer
 
     build = load_build(build_dir)
@@ -22,13 +24,13 @@ def open_build(build_dir: str | Path, provider: str = "cpu"):
     if target == "onnx":
         from .ort_session import OrtSession
 
-        session = OrtSession.from_build(build, provider=provider)
+        session = OrtSession.from_build(build, provider=provider, batch=batch)
     elif target in ENGINE_TARGETS:
         if provider != "cuda" and provider != "cpu":
             raise BuildError(f"unknown provider {provider!r}")
         from .trt_session import TrtSession
 
-        session = TrtSession.from_build(build)
+        session = TrtSession.from_build(build, batch=batch)
     else:
         raise BuildError(f"{build_dir}: unknown target {target!r} in manifest.json; "
                          "rebuild it with this version of g3export")
