@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
 
 import click
 
