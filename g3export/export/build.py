@@ -215,14 +215,16 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
           all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
           export_options: dict[str, Any] | None = None,
           components: tuple[str, ...] | None = None,
-          trt_options: dict[str, Any] | None = None) -> Path:
+          trt_options: dict[str, Any] | None = None, quant=None) -> Path:
     """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
 
     components: which graphs to write, from ("text", "vision"); default: text, plus vision when
     the config has a vision encoder. images: whether the text graph takes image features
     (default: when the config has vision). trt_options: for --target trt/trt-rtx, the keyword
     arguments of g3export.export.trt.plan_engines (attention, prefill_chunk, max_batch,
-    compute_capabilities, timing_cache); see _build_engines.
+    compute_capabilities, timing_cache); see _build_engines. quant: a
+    g3export.export.quantize.QuantScheme (checked here, before any work; recorded in the
+    manifest's `quantization` section).
     """
     out = Path(out_dir)
     if target not in TARGETS:
@@ -237,6 +239,10 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
         layout = kv_layout(cfg.text, max_context, 1, dtype)
     except ValueError as e:
         raise BuildError(str(e)) from None
+    if quant is not None:
+        from .quantize import check_scheme, quant_dims
+
+        check_scheme(quant, target, quant_dims(cfg.text))
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines
@@ -267,7 +273,7 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
-                                   **(export_options or {})))
+                                   quant=quant, **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")
             ios.append(export_vision(model, tmp, dtype, progress=progress))
@@ -295,6 +301,7 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
             "export_seconds": round(export_s, 2),
             "files": files,
             "tensorrt": trt_section,
+            "quantization": quant.to_dict() if quant is not None else None,
             "extra": extra_manifest or {},
         }
         _write_json(tmp / MANIFEST, manifest)

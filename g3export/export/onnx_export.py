@@ -175,12 +175,14 @@ class TextComponent(nn.Module):
 def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype: str = "fp32",
                 all_logits: bool = False, images: bool = False, dynamic_batch: bool = True,
                 progress: bool = True, file: str = "text.onnx",
-                translation_table: dict | None = None, opset: int = OPSET) -> ComponentIO:
+                translation_table: dict | None = None, opset: int = OPSET,
+                quant: Any = None) -> ComponentIO:
     """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
 
     The model is cast to `dtype` IN PLACE (the build owns it); its all_logits flag is set for the
     export and restored afterwards. translation_table/opset: another translation of g3.attention
-    (default: this package's ONNX Runtime one, opset 20).
+    (default: this package's ONNX Runtime one, opset 20). quant: a weight-only
+    g3export.export.quantize.QuantScheme, applied last (g3export.export.onnx_quant).
     """
     out_dir = Path(out_dir)
     cfg = model.config
@@ -224,10 +226,16 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     _tie_lm_head(m, embed)
     _fold_weight_transposes(m)
     _fuse_rms_norm(m)
-    if translation_table is None or translation_table is TRANSLATION_TABLE:
+    for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
+    if for_ort:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
         _fuse_sibling_matmuls(m)
         _fuse_skip_norm(m)
+    if quant is not None:
+        from .onnx_quant import quantize_graph
+
+        io.options["quantization"] = quantize_graph(m, quant, "ort" if for_ort else "dq")
+        opset = io.options["opset"] = m.opset_imports[""]  # blocked DQ raises it to 21
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)

@@ -95,6 +95,13 @@ def check_scheme(scheme: QuantScheme, target: str, dims: dict[str, int]) -> None
                              f"({k}); choose a block that does ({', '.join(str(b) for b in BLOCKS if k % b == 0) or 'none of ' + str(BLOCKS)})")
 
 
+def quant_dims(text_cfg) -> dict[str, int]:
+    """Every K (reduction dim) a decoder linear layer or the lm_head has, by name."""
+    t = text_cfg
+    return {"hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "attention width (heads x head_dim)": t.num_attention_heads * t.head_dim}
+
+
 def _check(w: np.ndarray, bits: int, block: int) -> None:
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D [N, K] weight, got shape {w.shape}")
