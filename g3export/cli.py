@@ -35,8 +35,10 @@ def _user_errors():
     from .runtimes.prompt import PromptError
     from .runtimes.tokenizer import TokenizerError
 
+    from .errors import UserError
+
     return (ConfigError, GenerationError, FileNotFoundError, CheckpointError, BuildError,
-            ImageError, PromptError, TokenizerError)
+            ImageError, PromptError, TokenizerError, UserError)
 
 
 def friendly(fn):
@@ -264,12 +266,34 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--components", default=None, metavar="LIST",
               help="Comma-separated graphs to build: text, vision (default: every one the model "
                    "has). --components vision --weights random skips the text weights entirely.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8"]), default=None,
+              help="Quantize the decoder's linear layers (and the tied embedding / lm_head): "
+                   "int4/int8 weight-only, block-wise; fp8 (trt/trt-rtx only): E4M3 weights and "
+                   "activations. Default: none (the build dtype).")
+@click.option("--quant-block", type=click.Choice(["32", "64", "128"]), default="32",
+              show_default=True, help="int4/int8: elements per scale along the reduction dim.")
+@click.option("--no-quant-embedding", is_flag=True,
+              help="int4/int8: keep the tied embedding / lm_head in the build dtype.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="fp8: a UTF-8 text to calibrate activation scales on (default: a short "
+                   "public-domain text shipped with g3export).")
 @friendly
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
-          components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache):
+          components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache,
+          quant, quant_block, no_quant_embedding, calibration):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
     if size is None and checkpoint is None:
         raise click.UsageError("give --size or --checkpoint (both: they must match)")
+    scheme = None
+    if quant is not None:  # checked before any work (and again by build against the config)
+        from .export.quantize import QuantScheme, check_scheme, read_calibration
+
+        scheme = QuantScheme(quant, None if quant == "fp8" else int(quant_block),
+                             not no_quant_embedding,
+                             read_calibration(calibration) if quant == "fp8" else None)
+        check_scheme(scheme, target, {})
+    elif calibration or no_quant_embedding:
+        raise click.UsageError("--calibration/--no-quant-embedding are options of --quant")
     if target != "onnx":
         from .export.trt import require_tensorrt  # says what to install, before any work
         require_tensorrt(target)
@@ -309,14 +333,15 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
                                f"{cfg.text.max_position_embeddings}")
     ctx = max_context or min(cfg.text.max_position_embeddings, 8192)
     tokenizer = _tokenizer_for(size, checkpoint, weights)
-    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
+    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}{'-' + quant if quant else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         tok_file = None
         if tokenizer is not None:  # from tokenizer.json, tokenizer.model or GGUF metadata
             tok_file = Path(tmp) / "tokenizer.json"
             tok_file.write_text(tokenizer.to_json())
         path = do_build(model, tok_file, out, target=target, dtype=dtype, max_context=ctx,
-                        force=force, trt_options=trt_options, components=comps)
+                        force=force, trt_options=trt_options, components=comps,
+                        all_logits=all_logits, quant=scheme)
     click.echo(f"built {path}")
 
 
@@ -342,6 +367,12 @@ def inspect(build_dir, as_json):
         for io in comp["outputs"]:
             alias = f"  (in place of {io['aliases']})" if io.get("aliases") else ""
             click.echo(f"  out  {io['name']:<20} {io['dtype']:<8} {io['shape']}{alias}")
+    q = m.get("quantization")
+    if q:
+        click.echo(f"quantization: {q['scheme']}" + (f" block={q['block']}" if q.get("block") else "")
+                   + f"  symmetric={q.get('symmetric')}  quantized: {'; '.join(q['quantized'])}"
+                   + f"  kept: {', '.join(q['kept'])}"
+                   + (f"  calibration: {q['calibration']['name']}" if q.get("calibration") else ""))
     kv = m["kv_layout"]
     click.echo(f"KV cache: {kv['bytes'] / 2**20:.1f} MiB for batch {kv['batch']}")
     for lc in kv["layers"]:
