@@ -432,5 +432,57 @@ def verify(build_dir, provider, as_json):
         raise SystemExit(1)
 
 
+@main.command("eval")
+@click.argument("build_dir", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="A UTF-8 text (default: the short public-domain text shipped with g3export).")
+@click.option("--reference", "reference_build", type=click.Path(), default=None,
+              help="Another build of the same model to compare with (e.g. the fp32 build).")
+@click.option("--reference-torch", is_flag=True,
+              help="Compare with the PyTorch reference of --checkpoint / --size [--weights].")
+@click.option("--size", type=SIZE, default=None)
+@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
+              show_default=True)
+@click.option("--max-tokens", type=click.IntRange(2), default=None,
+              help="Evaluate at most this many tokens (default: the text, up to max_context).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def eval_(build_dir, text_file, reference_build, reference_torch, size, checkpoint, weights,
+          max_tokens, provider, as_json):
+    """Perplexity on a text; with a reference: KL divergence, same top-1, max logit difference."""
+    from .runtimes.evaluate import evaluate, format_table
+    from .runtimes.loader import open_build
+    from .export.quantize import default_text
+
+    if reference_build and reference_torch:
+        raise click.UsageError("give --reference BUILD or --reference-torch, not both")
+    if reference_torch and not (size or checkpoint):
+        raise click.UsageError("--reference-torch needs --checkpoint or --size (the same model "
+                               "the build was made from)")
+    path = Path(text_file) if text_file else default_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"cannot read --text {path} as UTF-8 text ({e})") from None
+    session, tokenizer = open_build(build_dir, provider=provider)
+    if tokenizer is None:
+        raise click.ClickException(f"{build_dir} has no tokenizer.json: eval needs one to turn "
+                                   "the text into tokens (build from a checkpoint that has one)")
+    ref, ref_name = None, None
+    if reference_build:
+        ref, _ = open_build(reference_build, provider=provider)
+        ref_name = str(reference_build)
+    elif reference_torch:
+        from .runtimes.reference import TorchSession
+
+        ref = TorchSession(_load_model(size, checkpoint, weights), session.max_context)
+        ref_name = f"PyTorch reference ({checkpoint or size})"
+    r = evaluate(session, tokenizer.encode(text), ref, max_tokens=max_tokens, progress=True)
+    click.echo(json.dumps({"build": str(build_dir), "reference": ref_name, "text": str(path),
+                           **r.to_dict()}) if as_json else format_table(r, str(build_dir), ref_name))
+
+
 if __name__ == "__main__":
     main()
