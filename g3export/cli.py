@@ -319,14 +319,13 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
         raise click.UsageError(f"--max-context {max_context} is beyond {size}'s "
                                f"{preset(size).text.max_position_embeddings}")
     comps = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
-    if comps == ("vision",) and weights == "random" and size and not checkpoint:
-        import torch
-        from .export.onnx_vision import vision_only_model
+    from .modeling.weights import open_weights
 
-        model = vision_only_model(size, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                               "bf16": torch.bfloat16}[dtype])
-    else:
-        model = _load_model(size, checkpoint, weights, dtype, all_logits)
+    # The model stays on the meta device: its weights stream from the source into the build.
+    what = "random" if weights == "random" else (checkpoint or f"the embedded {size}")
+    click.echo(f"reading {what} weights (streamed into the build as {dtype}) ...", err=True)
+    model, source = open_weights(size, checkpoint=checkpoint, weights=weights,
+                                 all_logits=all_logits)
     cfg = model.config
     if max_context and max_context > cfg.text.max_position_embeddings:
         raise click.UsageError(f"--max-context {max_context} is beyond the model's "
@@ -340,7 +339,7 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
             tok_file = Path(tmp) / "tokenizer.json"
             tok_file.write_text(tokenizer.to_json())
         path = do_build(model, tok_file, out, target=target, dtype=dtype, max_context=ctx,
-                        force=force, trt_options=trt_options, components=comps,
+                        force=force, trt_options=trt_options, components=comps, weights=source,
                         all_logits=all_logits, quant=scheme)
     click.echo(f"built {path}")
 

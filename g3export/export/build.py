@@ -84,17 +84,29 @@ def sha256_file(path: Path, bar=None, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _hash_files(root: Path, names: list[str], progress: bool, desc: str) -> dict[str, dict]:
+def _hash_files(root: Path, names: list[str], progress: bool, desc: str,
+                known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{name: {"size", "sha256"}}. `known`: digests taken as the files were written (streamed
+    weights), used when the file's size and mtime are still those recorded (a TensorRT build
+    rewrites text.onnx.data: then it is hashed again)."""
     from tqdm import tqdm
 
-    total = sum((root / n).stat().st_size for n in names)
     out = {}
+    todo = []
+    for n in names:
+        st = (root / n).stat()
+        k = (known or {}).get(n)
+        if k is not None and (k["size"], k["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            out[n] = {"size": k["size"], "sha256": k["sha256"]}
+        else:
+            todo.append(n)
+    total = sum((root / n).stat().st_size for n in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
               leave=False) as bar:
-        for n in names:
+        for n in todo:
             p = root / n
             out[n] = {"size": p.stat().st_size, "sha256": sha256_file(p, bar)}
-    return out
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -215,8 +227,12 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
           all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
           export_options: dict[str, Any] | None = None,
           components: tuple[str, ...] | None = None,
-          trt_options: dict[str, Any] | None = None, quant=None) -> Path:
+          trt_options: dict[str, Any] | None = None, weights=None, quant=None) -> Path:
     """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
+
+    weights: a g3export.modeling.sources.WeightSource, when `model` is on the meta device
+    (`g3export.modeling.weights.open_weights` gives both): the weights stream from it into the
+    build and memory does not grow with the model (DESIGN §3.6). None: the model's own tensors.
 
     components: which graphs to write, from ("text", "vision"); default: text, plus vision when
     the config has a vision encoder. images: whether the text graph takes image features
@@ -269,14 +285,17 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
 
         t0 = time.perf_counter()
         ios = []
+        streamed: dict[str, dict] = {}  # data files hashed as they were written
         if "text" in components:
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
-                                   quant=quant, **(export_options or {})))
+                                   weights=weights, hashes=streamed, quant=quant,
+                                   **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")
-            ios.append(export_vision(model, tmp, dtype, progress=progress))
+            ios.append(export_vision(model, tmp, dtype, progress=progress, weights=weights,
+                                     hashes=streamed))
         export_s = time.perf_counter() - t0
         tok_name = None
         if tokenizer_json is not None:
@@ -284,7 +303,7 @@ def build(model, tokenizer_json: str | Path | None, out_dir: str | Path, target:
             shutil.copyfile(tokenizer_json, tmp / tok_name)
         trt_section = _build_engines(tmp, engine_plan, ios, progress)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        files = _hash_files(tmp, names, progress, "hashing")
+        files = _hash_files(tmp, names, progress, "hashing", known=streamed)
         manifest = {
             "format_version": FORMAT_VERSION,
             "g3export_version": _version("g3export"),

@@ -8,9 +8,15 @@ embedding [1, hidden, vocab] in both of its uses (the lookup and the lm_head). N
 RoPE tables and everything else stay in the build dtype; the vision tower is a separate graph
 that this pass never sees (it stays in the build dtype too).
 
-Each quantized initializer stays lazy (`ir.LazyTensor`): the quantizer (g3export.export.quantize,
-a per-tensor numpy function) runs when the writer asks for the bytes, one weight at a time. The
-codes and the scales of one weight come from one call (`_Pair`), not two.
+Each quantized initializer stays lazy: the quantizer (g3export.export.quantize, a per-tensor
+numpy function) runs when the writer asks for the bytes. For ONNX Runtime's layout, whose rows
+are the source weights' rows (n), a `StreamedQuant` writes itself block by block as the weight
+streams from its source (g3export.export.stream: `write_blocks`): each source row block is
+quantized and packed on its own (rows are independent), so no whole weight is ever in memory;
+codes and scales are two passes over the source (the scales pass re-reads the rows: cheaper
+than holding them). The TensorRT layout is [K, N] (a transpose of the source) and is
+quantized whole, per tensor, through `_Pair` (codes and scales from one call); a strided
+writer like stream's transposed one would stream it too (not done yet).
 
 Per target (`form`):
 * "ort" (ONNX Runtime): MatMul(x, W^T) -> com.microsoft.MatMulNBits(x, B, scales) with
@@ -60,7 +66,41 @@ class _Pair:
         return out
 
 
-def _lazy(g: ir.Graph, name: str, shape, dtype: ir.DataType, fn) -> ir.Value:
+class StreamedQuant(ir.LazyTensor):
+    """The MatMulNBits codes (part 0) or scales (part 1) of a weight whose source streams
+    (a transposed stream Recipe: output rows = the parts' source rows, in order)."""
+
+    def __init__(self, recipe, part: int, bits: int, block: int, dtype: ir.DataType,
+                 shape, name: str, whole: Callable[[], np.ndarray]):
+        super().__init__(lambda: ir.Tensor(whole().astype(dtype.numpy()), dtype=dtype, name=name),
+                         dtype=dtype, shape=ir.Shape(shape), name=name)
+        self.recipe, self.part, self.bits, self.block = recipe, part, bits, block
+
+    def write_blocks(self, write: Callable[[np.ndarray], None], block_bytes: int, bar) -> None:
+        """Quantize and write row block by row block, in the tensor's byte order."""
+        import torch
+
+        for p in self.recipe.parts:
+            for _, rows in p.source.blocks(p.name, block_bytes):
+                w = rows.to(self.recipe.dtype).to(torch.float32).numpy()
+                if self.part == 0:
+                    out = Q.pack_unsigned(Q.quantize_rows(w, self.bits, self.block)[0], self.bits)
+                else:
+                    out = Q.quantize_rows(w, self.bits, self.block)[1].astype(
+                        self.dtype.numpy())
+                out = np.ascontiguousarray(out).reshape(-1).view(np.uint8)
+                write(out)
+                bar.update(out.nbytes)
+
+
+def _lazy(g: ir.Graph, name: str, shape, dtype: ir.DataType, fn, stream=None) -> ir.Value:
+    """A lazy initializer computed by `fn`; stream = (recipe, part, bits, block): a
+    StreamedQuant that the writer streams row block by row block."""
+    if stream is not None:
+        t = StreamedQuant(*stream, dtype, shape, name, fn)
+        v = ir.Value(name=name, const_value=t, shape=ir.Shape(shape), type=ir.TensorType(dtype))
+        g.register_initializer(v)
+        return v
     t = ir.LazyTensor(lambda: ir.Tensor(fn().astype(dtype.numpy()), dtype=dtype, name=name),
                       dtype=dtype,
                       shape=ir.Shape(shape), name=name)
@@ -123,9 +163,12 @@ def _nbits_pair(g: ir.Graph, v: ir.Value, bits: int, block: int) -> tuple[ir.Val
     src = _source_nk(v)
     pair = _Pair(lambda: Q.matmul_nbits(src(), bits, block))
     base = v.name.removesuffix(".T") if "+" not in v.name else v.name
+    recipe = getattr(v.const_value, "recipe", None)
+    streams = recipe is not None and recipe.transposed
     b = _lazy(g, f"{base}.q{bits}", [n, k // block, block * bits // 8], ir.DataType.UINT8,
-              lambda: pair.get(0))
-    s = _lazy(g, f"{base}.scales", [n, k // block], dt, lambda: pair.get(1))
+              lambda: pair.get(0), (recipe, 0, bits, block) if streams else None)
+    s = _lazy(g, f"{base}.scales", [n, k // block], dt, lambda: pair.get(1),
+              (recipe, 1, bits, block) if streams else None)
     return b, s
 
 
@@ -137,7 +180,7 @@ def _matmul_nbits(x: ir.Value, b: ir.Value, s: ir.Value, k: int, n: int, bits: i
 
 
 def _replace_matmul(g: ir.Graph, mm: ir.Node, new: list[ir.Node]) -> None:
-    from .onnx_export import _take_over
+    from .onnx_passes import _take_over
 
     g.insert_before(mm, new)
     _take_over(mm.outputs[0], new[-1].outputs[0])
@@ -152,7 +195,7 @@ def _ort_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int) ->
 
 
 def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> None:
-    from .onnx_export import _int64_initializer, _take_over
+    from .onnx_passes import _int64_initializer, _take_over
 
     _, hidden, vocab = v.shape
     b, s = _nbits_pair(g, v, bits, block)

@@ -19,6 +19,7 @@ The vision component's I/O contract (`vision_io()` builds it; the manifest store
 graph casts them), so the runtime's preprocessing is dtype-independent; the features come out in
 the model dtype, the dtype of the text graph's image_features input.
 
+Weights stream as in export_text (g3export.export.stream): the model may be on the meta device.
 Only the vision tower's and the projector's weights are in this graph; `export_vision` refuses a
 graph holding any other (text) initializer. The model is cast to `dtype` in its vision part only,
 so a vision-only build never touches (or materialises) the text weights: `vision_only_model`
@@ -34,10 +35,12 @@ from torch import nn
 
 from ..modeling.config import ModelConfig
 from ..modeling.text import Gemma3Model
+from ..modeling.sources import WeightSource
 from .onnx_export import (ONNX_DTYPE_NAMES, OPSET, TORCH_DTYPES, ComponentIO, TensorSpec,
-                          _check_io, _drop_unused_initializers, _fold_weight_transposes,
-                          _fuse_rms_norm, _quiet, _strip_metadata, ir_version_for,
-                          save_with_external_data)
+                          _check_io, _device, _quiet, ir_version_for, weight_lookup)
+from .onnx_passes import (_drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
+                          _strip_metadata)
+from .stream import attach_recipes, save_with_external_data
 
 MAX_IMAGES = 256
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
@@ -68,16 +71,19 @@ class VisionComponent(nn.Module):
 
 
 def export_vision(model: Gemma3Model, out_dir: str | Path, dtype: str = "fp32",
-                  progress: bool = True, file: str = "vision.onnx") -> ComponentIO:
+                  progress: bool = True, file: str = "vision.onnx",
+                  weights: WeightSource | None = None,
+                  hashes: dict[str, dict] | None = None) -> ComponentIO:
     """Export the vision component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
-    The vision tower and projector are cast to `dtype` in place; the text part is not touched."""
+    The vision tower and projector are cast to `dtype` in place; the text part is not touched.
+    model / weights / hashes: as export_text's (weights stream; the model may be on meta)."""
     cfg = model.config
     io = vision_io(cfg, dtype, file)
     tdt = TORCH_DTYPES[dtype]
     model.vision_tower.to(tdt).eval()
     model.multi_modal_projector.to(tdt).eval()
     s = cfg.vision.image_size
-    px = torch.zeros(2, cfg.vision.num_channels, s, s)
+    px = torch.zeros(2, cfg.vision.num_channels, s, s, device=_device(model.vision_tower))
     dyn = {"pixel_values": {0: torch.export.Dim("images", min=1, max=MAX_IMAGES)}}
     with _quiet(), torch.no_grad():
         prog = torch.onnx.export(
@@ -85,6 +91,7 @@ def export_vision(model: Gemma3Model, out_dir: str | Path, dtype: str = "fp32",
             optimize=False, opset_version=OPSET, input_names=["pixel_values"],
             output_names=["image_features"], verbose=False)
     m = prog.model
+    attach_recipes(m, weight_lookup(model, weights))
     _fold_weight_transposes(m)
     _fuse_rms_norm(m)
     _drop_unused_initializers(m)
@@ -92,7 +99,9 @@ def export_vision(model: Gemma3Model, out_dir: str | Path, dtype: str = "fp32",
     m.ir_version = ir_version_for(OPSET)
     _check_io(m, io)
     _check_only_vision_weights(m)
-    save_with_external_data(m, Path(out_dir) / file, progress=progress)
+    digests = save_with_external_data(m, Path(out_dir) / file, progress=progress)
+    if hashes is not None:
+        hashes.update(digests)
     return io
 
 

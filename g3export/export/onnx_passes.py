@@ -1,0 +1,364 @@
+"""Graph passes over the exported text/vision graphs (onnx_ir), in the order export_text runs
+them; why each exists, and what it measured, is in g3export.export.onnx_export's docstring.
+
+Each pass is a fixed pattern of our own exporter's output, checked by tests
+(test_graph_passes_applied) and by the parity tests. Weights are never touched here: the passes
+that change a weight's layout (`_tie_lm_head`, `_fold_weight_transposes`,
+`_fuse_sibling_matmuls`) compose the initializers' recipes (g3export.export.stream), applied
+when the weights stream into the .data file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+
+from .stream import Recipe, StreamTensor, stream_tensor
+
+
+def _take_over(old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` everywhere (graph outputs too) and takes its name, shape and type, so
+    the graph's I/O names stay those of the contract; `old` is renamed out of the way."""
+    new.shape, new.type = old.shape, old.type
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = f"{name}_replaced"
+    new.name = name
+
+
+def _add_initializer(g: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register `tensor` (concrete or lazy) as an initializer named like it; return its Value."""
+    v = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(tensor.shape),
+                 type=ir.TensorType(tensor.dtype))
+    g.register_initializer(v)
+    return v
+
+
+def _int64_initializer(g: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    return _add_initializer(g, ir.tensor(np.asarray(values, dtype=np.int64), name=name))
+
+
+def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
+    """Store the tied embedding once, as E^T of shape [1, hidden, vocab], for both of its uses:
+
+        Gather(E, ids)          -> Squeeze(Transpose(Gather(E^T, ids, axis=2), [2, 3, 1, 0]), 3)
+        MatMul(x, Transpose(E)) -> Reshape(MatMul(Reshape(x, [1, -1, hidden]), E^T), [..., vocab])
+
+    Why this layout (measured on ONNX Runtime 1.32's CPU, 2 threads, 270M:
+    benchmarks/lm_head.py): a 2-D constant MatMul/Gemm weight is pre-packed by MLAS at session
+    start, and for one row (decode) the packed GEMM streams the 671 MB lm_head slower than
+    MLAS's unpacked single-row kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D
+    weights): 24.2 vs 28.6 ms median. The lm_head is the largest read of a 270M decode step. The
+    other Linear weights stay 2-D: for their sizes (0.6-5 MB) the packed path measured faster,
+    at one row and at 512. x is flattened to [1, B*T, hidden] so a batch reads the weight once.
+    The lookup gathers `hidden` strided elements per token (cheap). torch.onnx's own form,
+    MatMul(x, Transpose(E)), would make ORT's constant folding store a second, transposed copy
+    of the embedding (1 GiB at 12B bf16).
+    """
+    g = m.graph
+    e = g.initializers.get(embed_name)
+    st = stream_tensor(e) if e is not None else None
+    if st is None or len(st.recipe.shape) != 2:
+        raise RuntimeError(f"the embedding {embed_name} is not a weight initializer of the graph")
+    vocab, hidden = st.recipe.shape
+    name = e.name + ".T"
+    et = _add_initializer(g, StreamTensor(st.recipe.transpose().reshape((1, hidden, vocab)), name))
+    const = functools.partial(_int64_initializer, g)
+
+    n_lookup = n_head = 0
+    for node, idx in list(e.uses()):
+        axis = node.attributes.get("axis")
+        if node.op_type == "Gather" and idx == 0 and (axis is None or axis.value == 0):
+            gather = ir.node("Gather", [et, node.inputs[1]], attributes={"axis": 2})  # [1,H,B,T]
+            tr = ir.node("Transpose", [gather.outputs[0]], attributes={"perm": [2, 3, 1, 0]})
+            sq = ir.node("Squeeze", [tr.outputs[0], const(f"{node.name}_axis3", [3])])  # [B,T,H]
+            g.insert_before(node, [gather, tr, sq])
+            _take_over(node.outputs[0], sq.outputs[0])
+            g.remove(node, safe=True)
+            n_lookup += 1
+            continue
+        perm = node.attributes.get("perm")
+        if node.op_type != "Transpose" or perm is None or tuple(perm.value) != (1, 0):
+            raise RuntimeError(f"unexpected use of the embedding: {node.op_type}")
+        for mm, i in list(node.outputs[0].uses()):
+            if mm.op_type != "MatMul" or i != 1:
+                raise RuntimeError(f"unexpected use of the transposed embedding: {mm.op_type}")
+            x, y = mm.inputs[0], mm.outputs[0]
+            n_flat = ir.node("Reshape", [x, const(f"{mm.name}_flat_shape", [1, -1, hidden])])
+            n_mm = ir.node("MatMul", [n_flat.outputs[0], et])                   # [1, B*T, V]
+            n_lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
+            n_shape = ir.node("Concat", [n_lead.outputs[0], const(f"{mm.name}_vocab_dim", [vocab])],
+                              attributes={"axis": 0})
+            n_out = ir.node("Reshape", [n_mm.outputs[0], n_shape.outputs[0]])
+            g.insert_before(mm, [n_flat, n_mm, n_lead, n_shape, n_out])
+            _take_over(y, n_out.outputs[0])
+            g.remove(mm, safe=True)
+            n_head += 1
+        g.remove(node, safe=True)
+    if (n_lookup, n_head) != (1, 1):
+        raise RuntimeError(f"expected one embedding lookup and one lm_head MatMul on the "
+                           f"embedding, rewrote {n_lookup} and {n_head}")
+    g.initializers.pop(e.name)
+
+
+def _fold_weight_transposes(m: ir.Model) -> None:
+    """Transpose(W) of a 2-D weight initializer used only there -> initializer W^T (a transposed
+    recipe: applied as the weight streams)."""
+    g = m.graph
+    for v in list(g.initializers.values()):
+        uses = list(v.uses())
+        if len(uses) != 1 or uses[0][0].op_type != "Transpose" or v.const_value is None:
+            continue
+        tr = uses[0][0]
+        perm = tr.attributes.get("perm")
+        if len(v.shape) != 2 or perm is None or tuple(perm.value) != (1, 0):
+            continue
+        st = stream_tensor(v)
+        if st is None or st.recipe.transposed:
+            continue
+        out = tr.outputs[0]
+        nv = _add_initializer(g, StreamTensor(st.recipe.transpose(), v.name + ".T"))
+        ir.convenience.replace_all_uses_with(out, nv)
+        g.remove(tr, safe=True)
+        g.initializers.pop(v.name)
+
+
+def _fuse_sibling_matmuls(m: ir.Model) -> int:
+    """MatMuls of one input by different 2-D weights (q/k/v projections; gate/up) -> one MatMul by
+    the weights concatenated along N, then a Split. Fewer, larger GEMMs: on a CPU decode step every
+    MatMul is a thread-pool dispatch over a few MB of weights. The fused initializer is named by its
+    parts joined with "+" (in order), so readers of the build (verify) can split it back.
+    Returns the number of MatMuls removed."""
+    g = m.graph
+    removed = 0
+    for x in [v for n in g for v in n.outputs]:
+        group = []
+        for node, idx in x.uses():
+            w = node.inputs[1] if node.op_type == "MatMul" and idx == 0 else None
+            if w is not None and w.const_value is not None and w.shape is not None \
+                    and len(w.shape) == 2 and len(list(w.uses())) == 1 and w.name in g.initializers:
+                group.append((node, w))
+        if len(group) < 2 or len({w.const_value.dtype for _, w in group}) != 1 \
+                or len({w.shape[0] for _, w in group}) != 1:
+            continue
+        order = {id(n): i for i, n in enumerate(g)}
+        group.sort(key=lambda nw: order[id(nw[0])])
+        weights = [w for _, w in group]
+        widths = [w.shape[1] for w in weights]
+        name = "+".join(w.name for w in weights)
+        fw = _add_initializer(g, _concat_columns(weights, name))
+        split_v = _int64_initializer(g, name + "_split", widths)
+        mm = ir.node("MatMul", [x, fw])
+        sp = ir.node("Split", [mm.outputs[0], split_v], attributes={"axis": -1},
+                     num_outputs=len(group))
+        g.insert_before(group[0][0], [mm, sp])
+        for (node, w), out in zip(group, sp.outputs):
+            _take_over(node.outputs[0], out)
+            g.remove(node, safe=True)
+            g.initializers.pop(w.name)
+        removed += len(group) - 1
+    return removed
+
+
+def _concat_columns(weights: list[ir.Value], name: str) -> ir.TensorProtocol:
+    """The weights side by side along N: a recipe when every part is a transposed recipe (the
+    usual case: _fold_weight_transposes ran first), else computed lazily from their values."""
+    sts = [stream_tensor(w) for w in weights]
+    if all(st is not None and st.recipe.transposed for st in sts):
+        return StreamTensor(Recipe.concat_columns([st.recipe for st in sts]), name)
+    parts = [w.const_value for w in weights]
+    return ir.LazyTensor(lambda: ir.tensor(np.concatenate([p.numpy() for p in parts], axis=1)),
+                         dtype=parts[0].dtype,
+                         shape=ir.Shape([weights[0].shape[0], sum(w.shape[1] for w in weights)]),
+                         name=name)
+
+
+def _fuse_skip_norm(m: ir.Model) -> int:
+    """s = x + y; SimplifiedLayerNormalization(s, w) -> com.microsoft.SkipSimplifiedLayer
+    Normalization(x, y, w), whose 4th output is s (still read by the next residual Add).
+    Gemma's residual adds are each followed by the next norm: two per layer, one ORT kernel
+    fewer each. Returns the number fused."""
+    g = m.graph
+    fused = 0
+    for add in [n for n in g if n.op_type == "Add"]:
+        s = add.outputs[0]
+        norms = [u for u, i in s.uses() if u.op_type == "SimplifiedLayerNormalization" and i == 0]
+        x, y = add.inputs
+        if len(norms) != 1 or s.is_graph_output() or x.shape is None or y.shape is None \
+                or len(x.shape) != 3 or list(x.shape) != list(y.shape):
+            continue
+        norm = norms[0]
+        eps = norm.attributes.get("epsilon")
+        fusedn = ir.node("SkipSimplifiedLayerNormalization", [x, y, norm.inputs[1]],
+                         attributes={"epsilon": eps.value if eps is not None else 1e-5},
+                         domain="com.microsoft", num_outputs=4)
+        g.insert_before(norm, fusedn)  # after x, y and the gamma are computed
+        _take_over(norm.outputs[0], fusedn.outputs[0])
+        _take_over(s, fusedn.outputs[3])
+        g.remove(norm, safe=True)
+        g.remove(add, safe=True)
+        fused += 1
+    if fused:
+        m.opset_imports["com.microsoft"] = 1
+    return fused
+
+
+def _single_use(v: ir.Value, op_type: str) -> ir.Node | None:
+    uses = list(v.uses())
+    if len(uses) == 1 and uses[0][0].op_type == op_type and not v.is_graph_output():
+        return uses[0][0]
+    return None
+
+
+def _other(node: ir.Node, v: ir.Value) -> ir.Value | None:
+    a, b = node.inputs
+    return b if a is v else a if b is v else None
+
+
+def _const_scalar(v: ir.Value | None) -> float | None:
+    """The value of a one-element constant: an initializer, a Constant node, or either behind
+    Reshape/Cast (the exporter writes Slice bounds as Reshape(Cast(Constant))). None otherwise."""
+    if v is None:
+        return None
+    cv = v.const_value
+    p = v.producer()
+    if cv is None and p is not None and p.op_type == "Constant":
+        attr = p.attributes.get("value")
+        cv = attr.value if attr is not None else None
+    if cv is None and p is not None and p.op_type in ("Reshape", "Cast"):
+        return _const_scalar(p.inputs[0])
+    if cv is None or cv.size != 1:
+        return None
+    return float(cv.numpy().reshape(()))
+
+
+def _fuse_rms_norm(m: ir.Model) -> int:
+    """x * 1/sqrt(mean(x^2, -1) + eps) * s  ->  SimplifiedLayerNormalization(x, s).
+
+    torch.export writes Gemma's RMSNorm as Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: seven
+    kernels, times 2 + 4 per layer. ORT's contrib SimplifiedLayerNormalization (onnx domain, CPU
+    and CUDA) does it in one, in fp32 (stash_type 1), which is what RMSNorm.forward computes.
+    Returns the number of norms fused.
+    """
+    g = m.graph
+    fused = 0
+    for rm in [n for n in g if n.op_type == "ReduceMean"]:
+        pw = rm.inputs[0].producer()
+        if pw is None or pw.op_type != "Pow" or _const_scalar(pw.inputs[1]) != 2.0:
+            continue
+        # a mean over the last axis only, keepdims (read from the shapes: the axes input is a
+        # small Reshape-of-Constant chain in the exported graph)
+        si, so = rm.inputs[0].shape, rm.outputs[0].shape
+        if si is None or so is None or len(si) != len(so) or so[-1] != 1 or \
+                isinstance(si[-1], ir.SymbolicDim) or list(si)[:-1] != list(so)[:-1]:
+            continue
+        x = pw.inputs[0]
+        add = _single_use(rm.outputs[0], "Add")
+        eps = _const_scalar(_other(add, rm.outputs[0])) if add else None
+        sq = _single_use(add.outputs[0], "Sqrt") if add else None
+        rc = _single_use(sq.outputs[0], "Reciprocal") if sq else None
+        mul = _single_use(rc.outputs[0], "Mul") if rc else None
+        if eps is None or mul is None or _other(mul, rc.outputs[0]) is not x:
+            continue
+        mul2 = _single_use(mul.outputs[0], "Mul")
+        if mul2 is None:
+            continue
+        scale = _other(mul2, mul.outputs[0])
+        if scale is None or scale.shape is None or len(scale.shape) != 1:
+            continue
+        y = mul2.outputs[0]
+        n = ir.node("SimplifiedLayerNormalization", [x, scale],
+                    attributes={"axis": -1, "epsilon": float(eps), "stash_type": 1})
+        g.insert_before(mul2, n)
+        _take_over(y, n.outputs[0])
+        for dead in (mul2, mul, rc, sq, add, rm):
+            g.remove(dead, safe=True)
+        if not list(pw.outputs[0].uses()):
+            g.remove(pw, safe=True)
+        fused += 1
+    return fused
+
+
+def _fuse_rotary(m: ir.Model) -> int:
+    """x * cos + rotate_half(x) * sin  ->  com.microsoft.RotaryEmbedding(x, [0], cos_h, sin_h).
+
+    torch.export writes RoPE (Attention.forward) as Slice, Slice, Neg, Concat, Mul, Mul, Add: per
+    layer twice (q and k), 12 of a layer's ~60 ORT kernels, each costing a dispatch on a CPU
+    decode step. ONNX Runtime's contrib RotaryEmbedding (CPU and CUDA, interleaved=0 is the
+    rotate-half form) does it in one. Its input is x [B, heads, T, D]; position_ids of shape [1]
+    means positions p0 + t, so with p0 = 0 and caches = the chunk's own cos/sin rows
+    ([T, D/2]: the first half of the model's [T, D] cos/sin, whose two halves are equal), it
+    computes exactly the model's expression. Only emitted for the ONNX Runtime translation.
+    Returns the number of rotations fused.
+    """
+    g = m.graph
+    halves: dict[int, ir.Value] = {}
+    zero: list[ir.Value] = []
+    const = functools.partial(_int64_initializer, g)
+
+    def first_half(v: ir.Value, half: int) -> ir.Value:
+        if id(v) not in halves:  # one Slice per cos/sin table, shared by the layers
+            sl = ir.node("Slice", [v, const(f"{v.name}_h0", [0]), const(f"{v.name}_h1", [half]),
+                                   const(f"{v.name}_hax", [-1])])
+            g.insert_after(v.producer(), sl)
+            halves[id(v)] = sl.outputs[0]
+        return halves[id(v)]
+
+    fused = 0
+    for neg in [n for n in g if n.op_type == "Neg"]:
+        hi = neg.inputs[0].producer()
+        cat = _single_use(neg.outputs[0], "Concat")
+        if hi is None or hi.op_type != "Slice" or cat is None or len(cat.inputs) != 2 \
+                or cat.inputs[0] is not neg.outputs[0]:
+            continue
+        x = hi.inputs[0]
+        lo = cat.inputs[1].producer()
+        if lo is None or lo.op_type != "Slice" or lo.inputs[0] is not x or x.shape is None \
+                or len(x.shape) != 4 or not isinstance(x.shape[-1], int):
+            continue
+        d = x.shape[-1]
+        h = d // 2
+        bounds = [_const_scalar(v) for v in (*hi.inputs[1:4], *lo.inputs[1:4])]
+        if bounds[0] != h or bounds[2] not in (-1, 3) or bounds[3] != 0 or bounds[4] != h \
+                or bounds[5] not in (-1, 3) or (bounds[1] is not None and bounds[1] < d):
+            continue
+        mul_s = _single_use(cat.outputs[0], "Mul")
+        sin = _other(mul_s, cat.outputs[0]) if mul_s else None
+        add = _single_use(mul_s.outputs[0], "Add") if mul_s else None
+        mul_c = _other(add, mul_s.outputs[0]).producer() if add else None
+        if sin is None or mul_c is None or mul_c.op_type != "Mul" or \
+                _single_use(mul_c.outputs[0], "Add") is not add:
+            continue
+        cos = _other(mul_c, x)
+        if cos is None or cos.producer() is None or sin.producer() is None:
+            continue
+        if not zero:
+            zero.append(const("rotary_position_0", [0]))
+        rot = ir.node("RotaryEmbedding",
+                      [x, zero[0], first_half(cos, h), first_half(sin, h)],
+                      attributes={"interleaved": 0}, domain="com.microsoft")
+        y = add.outputs[0]
+        g.insert_before(add, rot)
+        _take_over(y, rot.outputs[0])
+        for dead in (add, mul_c, mul_s, cat, neg, lo, hi):
+            g.remove(dead, safe=True)
+        fused += 1
+    if fused:
+        m.opset_imports["com.microsoft"] = 1
+    return fused
+
+
+def _drop_unused_initializers(m: ir.Model) -> None:
+    g = m.graph
+    inputs = set(id(v) for v in g.inputs)
+    for name, v in list(g.initializers.items()):
+        if not list(v.uses()) and not v.is_graph_output() and id(v) not in inputs:
+            g.initializers.pop(name)
+
+
+def _strip_metadata(m: ir.Model) -> None:
+    """Drop the exporter's per-node stack traces (they made text.onnx 7 MB at 270M)."""
+    for n in m.graph:
+        n.metadata_props.clear()
