@@ -178,6 +178,22 @@ class _HashedFile:
         return {"size": st.st_size, "sha256": self.sha.hexdigest(), "mtime_ns": st.st_mtime_ns}
 
 
+def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
+    """Have glibc serve every allocation over 1 MB with its own mmap, returned to the system on
+    free. Streaming allocates and frees a few blocks of up to 64 MB per tensor; glibc's default
+    *dynamic* threshold rises to 32 MB after the first such free, after which blocks come from
+    the heap and its fragmentation kept ~150 MB more resident (measured on the test of
+    tests/export/test_stream.py: peak growth 294 -> 160 MB). No-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
@@ -223,11 +239,12 @@ def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True
     granularity, so ONNX Runtime can memory-map them); the rest at a multiple of 64. Tensors under
     `inline_below` bytes and int64 ones (shape constants: ORT's shape inference reads them) stay
     inline in the graph. block_bytes: the most float32 bytes of one tensor read at once (default
-    BLOCK_BYTES, 64 MB: its transient copies stay a small fraction of the 4 GiB goal).
+    BLOCK_BYTES, 32 MB: its transient copies stay a small fraction of the 4 GiB goal).
     """
     from tqdm import tqdm
 
     block_bytes = block_bytes or BLOCK_BYTES
+    _fixed_mmap_threshold()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"

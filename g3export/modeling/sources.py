@@ -37,7 +37,7 @@ from ..errors import UserError
 
 LM_HEAD = "<lm_head>"  # marker: a tied output head in the checkpoint, checked against the embedding
 EMBED = "language_model.embed_tokens.weight"
-BLOCK_BYTES = 64 << 20  # default block: 64 MB of float32
+BLOCK_BYTES = 32 << 20  # default block: 32 MB of float32
 
 
 class CheckpointError(UserError, ValueError):
@@ -179,10 +179,7 @@ class RandomSource(WeightSource):
         for d in shape:
             numel *= d
         init = self._init[name]
-        if len(shape) < 2:
-            rows, row_elems = 1, numel
-        else:
-            row_elems = numel // shape[0]
+        row_elems = numel // shape[0] if len(shape) >= 2 else numel
         if init is None:
             if len(shape) < 2:
                 yield 0, torch.zeros(shape)
@@ -191,24 +188,28 @@ class RandomSource(WeightSource):
                 yield start, torch.zeros((min(rows, shape[0] - start), *shape[1:]))
             return
         gen = torch.Generator().manual_seed(seed_for(self.seed, name))
-        want = min(rows, shape[0]) * row_elems if len(shape) >= 2 else numel
-        pending: list[torch.Tensor] = []
-        have = 0
-        start = 0
+        if len(shape) < 2:
+            rows, row_elems, nrows = 1, numel, 1
+        else:
+            nrows = shape[0]
+        # Blocks are filled from the generator's fixed chunks without concatenating lists of
+        # them: at most one chunk and one block are alive.
+        start, block, filled = 0, None, 0
         for chunk in normal_chunks(numel, *init, gen):
             while chunk.numel():
-                take = min(chunk.numel(), want - have)
-                pending.append(chunk[:take])
-                have += take
+                if block is None:
+                    n = min(rows, nrows - start)
+                    block = torch.empty(n * row_elems, dtype=torch.float32)
+                take = min(chunk.numel(), block.numel() - filled)
+                block[filled:filled + take] = chunk[:take]
+                filled += take
                 chunk = chunk[take:]
-                if have == want:
-                    flat = pending[0] if len(pending) == 1 else torch.cat(pending)
-                    n = have // row_elems if len(shape) >= 2 else 1
-                    yield start, flat.view((n, *shape[1:]) if len(shape) >= 2 else shape)
-                    start += n
-                    pending, have = [], 0
-                    want = min(rows, shape[0] - start) * row_elems if len(shape) >= 2 else 0
-        if pending:
+                if filled == block.numel():
+                    n = block.numel() // row_elems
+                    yield start, block.view((n, *shape[1:]) if len(shape) >= 2 else shape)
+                    start, block, filled = start + n, None, 0
+            del chunk
+        if block is not None:
             raise AssertionError("random stream did not end on a block boundary")
 
 
