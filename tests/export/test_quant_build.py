@@ -174,3 +174,24 @@ def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
         b, s = Q.matmul_nbits(w, 4, 32)
         np.testing.assert_array_equal(inits[f"{base}.q4"], b)
         np.testing.assert_array_equal(inits[f"{base}.scales"], s)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--quant", "int4", "--quant-block", "128"], "does not divide the model's hidden_size"),
+    (["--quant", "fp8"], "fp8 is for the TensorRT targets"),
+    (["--quant", "fp8", "--target", "trt-rtx", "--calibration", "/nonexistent.txt"],
+     "calibration file /nonexistent.txt not found"),
+    (["--calibration", "x.txt"], "options of --quant"),
+])
+def test_bad_quant_options_are_one_line_errors(tmp_path, args, match):
+    from click.testing import CliRunner
+
+    from g3export.cli import main
+
+    r = CliRunner().invoke(main, ["build", "--size", "tiny", "--weights", "random", "--out",
+                                  str(tmp_path / "x"), *args])
+    assert r.exit_code != 0
+    assert match in r.output and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and match in errors[0]  # one line (after click's usage hint)
+    assert not (tmp_path / "x").exists()
