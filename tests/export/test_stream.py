@@ -21,7 +21,8 @@ from g3export.export.build import BuildError, build, load_build
 from g3export.modeling import sources
 from g3export.modeling.config import preset
 from g3export.modeling.sources import CheckpointError, RandomSource
-from g3export.modeling.weights import build_model, open_weights, random_weights
+from g3export.modeling.weights import build_model, open_weights
+from tests.multimodal import _hub_named_copy, models  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_CONTEXT = 32
@@ -80,6 +81,21 @@ def test_streamed_hf_build_equals_materialised(hf_tiny_causal, tmp_path):
     model, src = open_weights(checkpoint=ckpt)
     b = build(model, None, tmp_path / "b", max_context=MAX_CONTEXT, progress=False, weights=src)
     assert _data(a) == _data(b)
+
+
+def test_streamed_multimodal_builds_equal_materialised(models, tmp_path):
+    """Gemma3ForConditionalGeneration as transformers saved it and in Hub naming
+    (`vision_tower.vision_model.*`): streamed text and vision weights equal the loaded model's."""
+    _, _, ckpt, _ = models
+    hub = _hub_named_copy(ckpt, tmp_path / "hub")
+    ref = build(build_model(checkpoint=ckpt), None, tmp_path / "ref", max_context=MAX_CONTEXT,
+                progress=False)
+    for i, c in enumerate((ckpt, hub)):
+        model, src = open_weights(checkpoint=c)
+        out = build(model, None, tmp_path / f"s{i}", max_context=MAX_CONTEXT, progress=False,
+                    weights=src)
+        for f in ("text.onnx.data", "vision.onnx.data"):
+            assert _data(out, f) == _data(ref, f), (c, f)
 
 
 # --- bad tensors ---------------------------------------------------------------------------
