@@ -42,15 +42,28 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
           all_logits: bool = False, components: Sequence[str] | None = None,
           attention: str | None = None, compute_capabilities: Sequence[str] = (),
           prefill_chunk: int | None = None, max_batch: int = 1,
-          timing_cache: str | Path | None = None, progress: bool = True) -> Path:
+          timing_cache: str | Path | None = None, quant: str | None = None,
+          quant_block: int = 32, quant_embedding: bool = True,
+          calibration: str | Path | None = None, progress: bool = True) -> Path:
     """Build a Gemma 3 model (a preset `size`, a HF directory or .gguf `checkpoint`, or both,
     which must match) into a build directory; returns its path. See the module docstring for the
     defaults; the TensorRT options (attention, compute_capabilities, prefill_chunk, max_batch,
-    timing_cache) are those of g3export.export.trt.plan_engines."""
+    timing_cache) are those of g3export.export.trt.plan_engines; quant (int4 | int8 | fp8),
+    quant_block, quant_embedding and calibration those of g3export.export.quantize.QuantScheme
+    (the default `out` then ends in `-int4`/`-int8`)."""
     if size is None and checkpoint is None:
         raise OptionError("give --size or --checkpoint (both: they must match)")
     if target not in TARGETS:
         raise OptionError(f"unknown target {target!r}; use one of: {', '.join(TARGETS)}")
+    scheme = None
+    if quant is not None:  # checked before any work (and again by build against the config)
+        from .export.quantize import QuantScheme, check_scheme, read_calibration
+
+        scheme = QuantScheme(quant, None if quant == "fp8" else int(quant_block), quant_embedding,
+                             read_calibration(calibration) if quant == "fp8" else None)
+        check_scheme(scheme, target, {})
+    elif calibration or not quant_embedding:
+        raise OptionError("--calibration/--no-quant-embedding are options of --quant")
     if target != "onnx":
         from .export.trt import require_tensorrt  # says what to install, before any work
         require_tensorrt(target)
@@ -90,12 +103,12 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
         raise OptionError(f"--max-context {max_context} is beyond the model's "
                           f"{cfg.text.max_position_embeddings}")
     ctx = max_context or min(cfg.text.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}")
+    out = Path(out or f"builds/{cfg.name}-{target}-{dtype}{'-' + quant if quant else ''}")
     check_out(out, force)  # refuse a wrong --out before any work (checked again under the lock)
     tokenizer = tokenizer_for(size, checkpoint, weights)
     return do_build(model, tokenizer, out, target=target, dtype=dtype, max_context=ctx,
                     force=force, trt_options=trt_options, components=comps, progress=progress,
-                    weights=source)
+                    weights=source, all_logits=all_logits, quant=scheme)
 
 
 def load_model(size, checkpoint, weights, dtype="fp32", all_logits=False, progress=True):

@@ -273,9 +273,21 @@ def _images(cfg, images, pan_and_scan):
 @click.option("--components", type=TEXT, default=None, metavar="LIST",
               help="Comma-separated graphs to build: text, vision (default: every one the model "
                    "has). --components vision --weights random skips the text weights entirely.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8"]), default=None,
+              help="Quantize the decoder's linear layers (and the tied embedding / lm_head): "
+                   "int4/int8 weight-only, block-wise; fp8 (trt/trt-rtx only): E4M3 weights and "
+                   "activations. Default: none (the build dtype).")
+@click.option("--quant-block", type=click.Choice(["32", "64", "128"]), default="32",
+              show_default=True, help="int4/int8: elements per scale along the reduction dim.")
+@click.option("--no-quant-embedding", is_flag=True,
+              help="int4/int8: keep the tied embedding / lm_head in the build dtype.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="fp8: a UTF-8 text to calibrate activation scales on (default: a short "
+                   "public-domain text shipped with g3export).")
 @friendly
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
-          components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache):
+          components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache,
+          quant, quant_block, no_quant_embedding, calibration):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
     from .api import OptionError, build as do_build
 
@@ -285,7 +297,9 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
                         weights=weights, out=out, force=force, all_logits=all_logits,
                         components=comps, attention=attention,
                         compute_capabilities=compute_capabilities, prefill_chunk=prefill_chunk,
-                        max_batch=max_batch, timing_cache=timing_cache)
+                        max_batch=max_batch, timing_cache=timing_cache, quant=quant,
+                        quant_block=int(quant_block), quant_embedding=not no_quant_embedding,
+                        calibration=calibration)
     except OptionError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"built {path}")
@@ -313,6 +327,12 @@ def inspect(build_dir, as_json):
         for io in comp.outputs:
             alias = f"  (in place of {io.aliases})" if io.aliases else ""
             click.echo(f"  out  {io.name:<20} {io.dtype:<8} {list(io.shape)}{alias}")
+    q = m.quantization
+    if q:
+        click.echo(f"quantization: {q['scheme']}" + (f" block={q['block']}" if q.get("block") else "")
+                   + f"  symmetric={q.get('symmetric')}  quantized: {'; '.join(q['quantized'])}"
+                   + f"  kept: {', '.join(q['kept'])}"
+                   + (f"  calibration: {q['calibration']['name']}" if q.get("calibration") else ""))
     kv = b.kv_layout()
     click.echo(f"KV cache: {kv.bytes / 2**20:.1f} MiB for batch {kv.batch}")
     for lc in kv.layers:
@@ -429,6 +449,58 @@ def serve(build_dir, port, host, max_batch, provider, verbose):
             click.echo("stopping ...", err=True)
         finally:
             server.stop()
+
+
+@main.command("eval")
+@click.argument("build_dir", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="A UTF-8 text (default: the short public-domain text shipped with g3export).")
+@click.option("--reference", "reference_build", type=click.Path(), default=None,
+              help="Another build of the same model to compare with (e.g. the fp32 build).")
+@click.option("--reference-torch", is_flag=True,
+              help="Compare with the PyTorch reference of --checkpoint / --size [--weights].")
+@click.option("--size", type=SIZE, default=None)
+@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint",
+              show_default=True)
+@click.option("--max-tokens", type=click.IntRange(2), default=None,
+              help="Evaluate at most this many tokens (default: the text, up to max_context).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def eval_(build_dir, text_file, reference_build, reference_torch, size, checkpoint, weights,
+          max_tokens, provider, as_json):
+    """Perplexity on a text; with a reference: KL divergence, same top-1, max logit difference."""
+    from .runtimes.evaluate import evaluate, format_table
+    from .runtimes.loader import open_build
+    from .export.quantize import default_text
+
+    if reference_build and reference_torch:
+        raise click.UsageError("give --reference BUILD or --reference-torch, not both")
+    if reference_torch and not (size or checkpoint):
+        raise click.UsageError("--reference-torch needs --checkpoint or --size (the same model "
+                               "the build was made from)")
+    path = Path(text_file) if text_file else default_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"cannot read --text {path} as UTF-8 text ({e})") from None
+    session, tokenizer = open_build(build_dir, provider=provider)
+    if tokenizer is None:
+        raise click.ClickException(f"{build_dir} has no tokenizer.json: eval needs one to turn "
+                                   "the text into tokens (build from a checkpoint that has one)")
+    ref, ref_name = None, None
+    if reference_build:
+        ref, _ = open_build(reference_build, provider=provider)
+        ref_name = str(reference_build)
+    elif reference_torch:
+        from .runtimes.reference import TorchSession
+
+        ref = TorchSession(_load_model(size, checkpoint, weights), session.max_context)
+        ref_name = f"PyTorch reference ({checkpoint or size})"
+    r = evaluate(session, tokenizer.encode(text), ref, max_tokens=max_tokens, progress=True)
+    click.echo(json.dumps({"build": str(build_dir), "reference": ref_name, "text": str(path),
+                           **r.to_dict()}) if as_json else format_table(r, str(build_dir), ref_name))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
           all_logits: bool = False, images: bool | None = None, dynamic_batch: bool = True,
           export_options: dict[str, Any] | None = None,
           components: tuple[str, ...] | None = None,
-          trt_options: dict[str, Any] | None = None, weights=None) -> Path:
+          trt_options: dict[str, Any] | None = None, weights=None, quant=None) -> Path:
     """Export `model` (a Gemma3Model; cast to dtype in place) into the build directory `out_dir`.
 
     tokenizer: None, a g3export Tokenizer (anything with `to_json()`: written as tokenizer.json
@@ -55,7 +55,9 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
     the config has a vision encoder. images: whether the text graph takes image features
     (default: when the config has vision). trt_options: for --target trt/trt-rtx, the keyword
     arguments of g3export.export.trt.plan_engines (attention, prefill_chunk, max_batch,
-    compute_capabilities, timing_cache); see _build_engines.
+    compute_capabilities, timing_cache); see _build_engines. quant: a
+    g3export.export.quantize.QuantScheme (checked here, before any work; recorded in the
+    manifest's `quantization` section).
     """
     out = Path(out_dir)
     if target not in TARGETS:
@@ -69,6 +71,10 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
     if not 0 < max_context <= cfg.text.max_position_embeddings:
         raise BuildError(f"max_context {max_context} must be in 1..{cfg.text.max_position_embeddings} "
                          "(the model's max_position_embeddings)")
+    if quant is not None:
+        from .quantize import check_scheme, quant_dims
+
+        check_scheme(quant, target, quant_dims(cfg.text))
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines
@@ -98,7 +104,8 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
-                                   weights=weights, hashes=streamed, **(export_options or {})))
+                                   weights=weights, hashes=streamed, quant=quant,
+                                   **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")
             ios.append(export_vision(model, tmp, dtype, progress=progress, weights=weights,
@@ -121,7 +128,8 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             versions={k: package_version(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir",
                                                       "onnxruntime", "onnxruntime-gpu")},
-            export_seconds=round(export_s, 2), extra=extra_manifest or {})
+            export_seconds=round(export_s, 2), extra=extra_manifest or {},
+            quantization=quant.to_dict() if quant is not None else None)
         manifest.write(tmp)
         _fsync_dir(tmp)
         od.commit()  # crash-safe swap (g3export.export.outdir)

@@ -145,6 +145,7 @@ class Manifest:
     files: dict[str, FileEntry]
     tokenizer: str | None = None
     tensorrt: TensorRTSection | None = None
+    quantization: dict[str, Any] | None = None  # g3export.export.quantize.QuantScheme.to_dict()
     format_version: int = FORMAT_VERSION
     g3export_version: str | None = None
     created: str | None = None
@@ -179,6 +180,7 @@ class Manifest:
             "export_seconds": self.export_seconds,
             "files": {k: f.to_dict() for k, f in self.files.items()},
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_dict(),
+            "quantization": None if self.quantization is None else dict(self.quantization),
             "extra": dict(self.extra),
         }
 
@@ -222,6 +224,7 @@ class Manifest:
             components=components, files=files,
             tokenizer=schema.get(d, "tokenizer", "str|null"),
             tensorrt=None if trt is None else TensorRTSection.from_dict(trt),
+            quantization=schema.get(d, "quantization", "object|null", default=None),
             format_version=fv, g3export_version=schema.get(d, "g3export_version", "str|null",
                                                            default=None),
             created=schema.get(d, "created", "str|null", default=None), versions=dict(versions),

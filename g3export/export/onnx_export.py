@@ -125,7 +125,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
                 translation_table: dict | None = None, opset: int = OPSET,
                 weights: WeightSource | None = None,
                 hashes: dict[str, dict] | None = None, tie_lm_head: bool = True,
-                graph_passes: Sequence[Callable[[ir.Model], Any]] = ()) -> ComponentIO:
+                graph_passes: Sequence[Callable[[ir.Model], Any]] = (),
+                quant: Any = None) -> ComponentIO:
     """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
 
     model: a Gemma3Model, on the meta device (then `weights` gives every parameter) or
@@ -137,7 +138,9 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     embedding layout ([vocab, hidden], Gather + MatMul(x, Transpose(E))) instead of
     `_tie_lm_head`'s: TensorRT stores the ORT layout twice (g3export.export.trt.graph).
     graph_passes: run in order on the finished graph before it is written (a TensorRT target's
-    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses.
+    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses. quant: a weight-only
+    g3export.export.quantize.QuantScheme, applied after the other passes
+    (g3export.export.onnx_quant).
     """
     out_dir = Path(out_dir)
     cfg = model.config
@@ -184,10 +187,16 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         _tie_lm_head(m, "model.language_model.embed_tokens.weight")
     _fold_weight_transposes(m)
     _fuse_rms_norm(m)
-    if translation_table is None or translation_table is TRANSLATION_TABLE:
+    for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
+    if for_ort:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
         _fuse_sibling_matmuls(m)
         _fuse_skip_norm(m)
+    if quant is not None:
+        from .onnx_quant import quantize_graph
+
+        io.options["quantization"] = quantize_graph(m, quant, "ort" if for_ort else "dq")
+        opset = io.options["opset"] = m.opset_imports[""]  # blocked DQ raises it to 21
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)

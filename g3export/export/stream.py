@@ -266,6 +266,8 @@ def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True
                 offset = f.pos
                 if isinstance(t, StreamTensor):
                     write_recipe(f, t.recipe, block_bytes, bar)
+                elif hasattr(t, "write_blocks"):  # streams itself (onnx_quant.StreamedQuant)
+                    t.write_blocks(f.write, block_bytes, bar)
                 else:
                     f.write(t.tobytes())
                     bar.update(t.nbytes)

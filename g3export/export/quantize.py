@@ -1,0 +1,215 @@
+"""Block-wise weight quantization (DESIGN §3.9), numpy only: per-tensor functions that the export
+(and the weight stream) call on one weight at a time, and the byte layouts each runtime reads.
+
+The scheme. A Linear weight W is [N, K] (out, in: PyTorch's nn.Linear layout); y = x @ W^T
+reduces over K. It is cut into blocks of `block` consecutive elements along K, each with one
+float scale, symmetric (no zero point):
+
+    scale[n, b] = max_k |W[n, b*block + k]| / qmax        qmax = 2^(bits-1) - 1  (7 or 127)
+    q[n, k]     = round(W[n, k] / scale[n, k // block])    in [-qmax, qmax]
+    W~[n, k]    = q[n, k] * scale[n, k // block]           |W~ - W| <= scale / 2, every element
+
+Why symmetric and qmax = 7 (not the 16 levels an int4 nibble has): it gives the half-step bound
+above for every element with no clipping (a scale of amax/8 clips the one value at +amax), one
+layout works for every runtime below (unsigned with the default zero point 2^(bits-1) for ORT,
+signed for ONNX DequantizeLinear), and a block row never depends on another row, so a weight can
+be quantized row block by row block as it streams (`quantize_rows` on any slice of rows).
+Blocks all-zero get scale 0 (and codes 0): exact.
+
+Layouts (functions named after what reads them):
+
+* `matmul_nbits(w)`: ONNX Runtime's `com.microsoft.MatMulNBits` (contrib spec): B uint8
+  [N, K/block, block*bits/8], codes + 2^(bits-1) (the zero point the op assumes when none is
+  given: 8 for 4 bits, 128 for 8), two 4-bit codes per byte, the element with the lower k in
+  the low nibble; scales [N, K/block] (row n's blocks consecutive, the op's [N * K/block] order).
+* `gather_block_quantized(w)`: `com.microsoft.GatherBlockQuantized` with gather_axis 0 and
+  quantize_axis 1 (the only layout its CPU kernel takes for uint8 data): data [rows, K*bits/8],
+  the same bytes as matmul_nbits' B, so a tied embedding can share one quantized copy.
+* `dequantize_linear(w)`: standard ONNX DequantizeLinear (opset 21, blocked), for TensorRT: the
+  signed codes transposed to [K, N] (int8 numpy; stored as ONNX INT4/INT8), scales [K/block, N],
+  axis 0, block_size = block: DequantizeLinear(q, scales) is W^T, the MatMul's B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import UserError
+
+BLOCKS = (32, 64, 128)
+WEIGHT_ONLY = {"int4": 4, "int8": 8}
+SCHEMES = (*WEIGHT_ONLY, "fp8")
+DEFAULT_BLOCK = 32
+
+
+class QuantError(UserError, ValueError):
+    """A quantization option that cannot apply to this model or target."""
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a quantized build did: recorded in the manifest's `quantization` section.
+
+    scheme: int4 | int8 (weight-only, block-wise) | fp8 (E4M3 weights and activations);
+    block: the block along K (weight-only); embedding: whether the tied embedding / lm_head is
+    quantized too; calibration: the text fp8's activation scales came from (name + sha256)."""
+
+    scheme: str
+    block: int | None = DEFAULT_BLOCK
+    embedding: bool = True
+    calibration: dict | None = None
+
+    @property
+    def bits(self) -> int:
+        return WEIGHT_ONLY.get(self.scheme, 8)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"] = self.bits
+        d["symmetric"] = True
+        d["quantized"] = ["decoder linear layers (q/k/v/o, gate/up/down)"] + (
+            ["tied embedding and lm_head"] if self.embedding else [])
+        d["kept"] = ["norms", "RoPE", "vision tower"] + ([] if self.embedding else
+                                                          ["tied embedding and lm_head"])
+        return d
+
+
+def read_calibration(path) -> dict:
+    """The calibration text's identity for the manifest ({name, sha256, chars}); the default is
+    the public-domain text shipped in g3export/data. A missing or non-UTF-8 file -> QuantError."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path) if path is not None else default_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuantError(f"calibration file {p} not found; give an existing UTF-8 text file "
+                         "(or omit --calibration for the default text)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantError(f"calibration file {p} cannot be read as UTF-8 text ({e})") from None
+    return {"name": p.name, "path": str(p), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "chars": len(text)}
+
+
+def default_text():
+    """The short public-domain English text shipped with the package (calibration and eval)."""
+    from importlib import resources
+
+    return resources.files("g3export") / "data" / "eval_text.txt"
+
+
+def check_scheme(scheme: QuantScheme, target: str, dims: dict[str, int]) -> None:
+    """Refuse, with a one-line QuantError, a scheme that cannot apply. dims: name -> every K that
+    gets quantized (hidden_size, intermediate_size, ...), each must be a multiple of the block."""
+    if scheme.scheme not in SCHEMES:
+        raise QuantError(f"unknown --quant {scheme.scheme!r}; use one of: {', '.join(SCHEMES)}")
+    if scheme.scheme == "fp8":
+        if target == "onnx":
+            raise QuantError("--quant fp8 is for the TensorRT targets (--target trt or trt-rtx); "
+                             "for ONNX Runtime use --quant int8 or int4")
+        if dims:  # the CLI's early check passes none; build's check is the final one
+            raise QuantError("--quant fp8 is not implemented yet (int4 and int8 are); see "
+                             "issue 14")
+        return
+    if scheme.block not in BLOCKS:
+        raise QuantError(f"--quant-block {scheme.block} is not supported; use one of "
+                         f"{', '.join(map(str, BLOCKS))}")
+    for name, k in dims.items():
+        if k % scheme.block:
+            raise QuantError(f"--quant-block {scheme.block} does not divide the model's {name} "
+                             f"({k}); choose a block that does ({', '.join(str(b) for b in BLOCKS if k % b == 0) or 'none of ' + str(BLOCKS)})")
+
+
+def quant_dims(text_cfg) -> dict[str, int]:
+    """Every K (reduction dim) a decoder linear layer or the lm_head has, by name."""
+    t = text_cfg
+    return {"hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "attention width (heads x head_dim)": t.num_attention_heads * t.head_dim}
+
+
+def _check(w: np.ndarray, bits: int, block: int) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {w.shape}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if w.shape[1] % block:
+        raise ValueError(f"K={w.shape[1]} is not a multiple of the block {block}")
+
+
+def quantize_rows(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (signed codes int8 [N, K] in [-qmax, qmax], scales float32 [N, K/block]).
+    Rows are independent: quantizing a slice of rows gives that slice of the result."""
+    _check(w, bits, block)
+    qmax = (1 << (bits - 1)) - 1
+    n, k = w.shape
+    wb = np.asarray(w, dtype=np.float32).reshape(n, k // block, block)
+    scales = np.abs(wb).max(axis=2) / np.float32(qmax)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    q = np.clip(np.rint(wb / safe[:, :, None]), -qmax, qmax).astype(np.int8)
+    return q.reshape(n, k), scales.astype(np.float32)
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """The inverse map: [N, K] codes and [N, K/block] scales -> float32 [N, K]."""
+    n, k = q.shape
+    return (q.reshape(n, k // block, block).astype(np.float32) * scales[:, :, None]).reshape(n, k)
+
+
+def pack_unsigned(q: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes [N, K] -> ORT's unsigned bytes [N, K*bits/8]: code + 2^(bits-1); for 4 bits,
+    element 2i in the low nibble of byte i and 2i+1 in the high nibble."""
+    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 8:
+        return u
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_unsigned(b: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_unsigned (for tests and readers): bytes [N, K*bits/8] -> int8 codes."""
+    if bits == 8:
+        return (b.astype(np.int16) - 128).astype(np.int8)
+    lo, hi = b & 0x0F, b >> 4
+    u = np.stack([lo, hi], axis=-1).reshape(b.shape[0], -1)
+    return (u.astype(np.int16) - 8).astype(np.int8)
+
+
+def matmul_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] weight -> (B uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]) for
+    com.microsoft.MatMulNBits(x, B, scales) with attributes K, N, bits, block_size."""
+    q, scales = quantize_rows(w, bits, block)
+    n, k = q.shape
+    return pack_unsigned(q, bits).reshape(n, k // block, block * bits // 8), scales
+
+
+def gather_block_quantized(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, K] table -> (data uint8 [rows, K*bits/8], scales float32 [rows, K/block]) for
+    com.microsoft.GatherBlockQuantized(data, ids, scales) with gather_axis 0, quantize_axis 1."""
+    b, scales = matmul_nbits(w, bits, block)
+    return b.reshape(b.shape[0], -1), scales
+
+
+def dequantize_linear(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] weight -> (signed codes int8 [K, N], scales float32 [K/block, N]) for ONNX
+    DequantizeLinear(q, scales, axis=0, block_size=block) (opset 21) = W~^T, the MatMul's B."""
+    q, scales = quantize_rows(w, bits, block)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(scales.T)
+
+
+# FP8 (E4M3): per-tensor scales; 448 is E4M3FN's largest finite value.
+FP8_MAX = 448.0
+
+
+def fp8_scale(amax: float) -> float:
+    """The per-tensor scale that maps |x| <= amax onto E4M3's range (1.0 for an all-zero tensor)."""
+    return float(amax) / FP8_MAX if amax > 0 else 1.0
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """A weight -> (E4M3 values as ml_dtypes.float8_e4m3fn, its per-tensor scale)."""
+    import ml_dtypes
+
+    s = fp8_scale(float(np.abs(w).max()))
+    return (np.asarray(w, np.float32) / s).astype(ml_dtypes.float8_e4m3fn), s

@@ -1,0 +1,129 @@
+"""Block quantizers (g3export.export.quantize) against a direct numpy computation, and the byte
+layouts against what ONNX Runtime's kernels read (run with accuracy_level 0: exact float math)."""
+
+import numpy as np
+import pytest
+
+from g3export.export import quantize as Q
+
+
+def direct(w, bits, block):
+    """Dequantize(quantize(w)) written element by element from the scheme's definition."""
+    qmax = 2 ** (bits - 1) - 1
+    out = np.empty_like(w)
+    for n in range(w.shape[0]):
+        for b in range(w.shape[1] // block):
+            blk = w[n, b * block:(b + 1) * block]
+            s = np.abs(blk).max() / qmax
+            out[n, b * block:(b + 1) * block] = (np.round(blk / s) * s) if s > 0 else 0
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_round_trip_within_half_a_step(bits, block):
+    rng = np.random.default_rng(bits * block)
+    w = (rng.standard_normal((24, 256)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    w[3, :block] = 0  # an all-zero block is exact
+    q, s = Q.quantize_rows(w, bits, block)
+    assert q.dtype == np.int8 and s.shape == (24, 256 // block)
+    assert np.abs(q).max() <= 2 ** (bits - 1) - 1
+    got = Q.dequantize_rows(q, s, block)
+    np.testing.assert_allclose(got, direct(w, bits, block), rtol=1e-6, atol=1e-7)
+    step = np.repeat(s, block, axis=1)
+    assert np.all(np.abs(got - w) <= step / 2 * (1 + 1e-6) + 1e-12)
+    assert np.all(got[3, :block] == 0)
+    # rows are independent: a slice of rows (a streamed row block) quantizes to that slice
+    q2, s2 = Q.quantize_rows(w[5:11], bits, block)
+    np.testing.assert_array_equal(q2, q[5:11])
+    np.testing.assert_array_equal(s2, s[5:11])
+
+
+def test_blocks_run_along_k_not_n():
+    """Transposed blocks would give each block one scale per column: a weight whose magnitude
+    changes along N but not within a K block must be exact up to a half step of ITS row."""
+    w = np.outer(np.geomspace(1e-3, 1e3, 16), np.linspace(-1, 1, 64)).astype(np.float32)
+    q, s = Q.quantize_rows(w, 4, 32)
+    err = np.abs(Q.dequantize_rows(q, s, 32) - w)
+    assert np.all(err <= np.abs(w).max(axis=1, keepdims=True) / 7 / 2 * (1 + 1e-6))
+    wrong = Q.dequantize_rows(*Q.quantize_rows(w.T.copy(), 4, 16), 16).T
+    assert not np.all(np.abs(wrong - w) <= np.abs(w).max(axis=1, keepdims=True) / 14 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack(bits):
+    rng = np.random.default_rng(1)
+    q = rng.integers(-(2 ** (bits - 1) - 1), 2 ** (bits - 1), (5, 64)).astype(np.int8)
+    b = Q.pack_unsigned(q, bits)
+    assert b.shape == (5, 64 * bits // 8) and b.dtype == np.uint8
+    np.testing.assert_array_equal(Q.unpack_unsigned(b, bits), q)
+    if bits == 4:  # lower k in the low nibble (MatMulNBits' and GatherBlockQuantized's order)
+        assert b[0, 0] == ((int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4))
+
+
+def _ort_run(node, inits, feeds):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
+                                         else TensorProto.INT64, list(v.shape))
+           for k, v in feeds.items()]
+    g = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
+                                            helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layouts_match_onnxruntime_kernels(bits):
+    from onnx import helper
+
+    rng = np.random.default_rng(2)
+    n, k, block = 48, 128, 32
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    wq = Q.dequantize_rows(*Q.quantize_rows(w, bits, block), block)
+    b, s = Q.matmul_nbits(w, bits, block)
+    assert b.shape == (n, k // block, block * bits // 8)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=k,
+                            N=n, bits=bits, block_size=block, accuracy_level=0)
+    y = _ort_run(node, {"B": b, "s": s}, {"x": x})
+    np.testing.assert_allclose(y, x @ wq.T, rtol=1e-5, atol=1e-5)
+    data, s = Q.gather_block_quantized(w, bits, block)
+    ids = np.array([[0, 47], [5, 5]], np.int64)
+    node = helper.make_node("GatherBlockQuantized", ["d", "i", "s"], ["y"], domain="com.microsoft",
+                            gather_axis=0, quantize_axis=1, bits=bits, block_size=block)
+    np.testing.assert_array_equal(_ort_run(node, {"d": data, "s": s}, {"i": ids}), wq[ids])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_linear_layout(bits):
+    """The DQ layout through ONNX's own reference implementation of opset-21 blocked DQ."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    q, s = Q.dequantize_linear(w, bits, 32)
+    assert q.shape == (64, 40) and s.shape == (2, 40)
+    qt = (helper.make_tensor("q", TensorProto.INT4, q.shape, q.reshape(-1).tolist()) if bits == 4
+          else numpy_helper.from_array(q, "q"))
+    g = helper.make_graph([helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=0,
+                                            block_size=32)], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [qt, numpy_helper.from_array(s, "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    got = ReferenceEvaluator(m).run(None, {})[0]
+    np.testing.assert_array_equal(got, Q.dequantize_rows(*Q.quantize_rows(w, bits, 32), 32).T)
+
+
+def test_check_scheme_errors():
+    with pytest.raises(Q.QuantError, match="does not divide"):
+        Q.check_scheme(Q.QuantScheme("int4", 128), "onnx", {"hidden_size": 96})
+    with pytest.raises(Q.QuantError, match="TensorRT"):
+        Q.check_scheme(Q.QuantScheme("fp8", None), "onnx", {})
+    with pytest.raises(Q.QuantError, match="not supported"):
+        Q.check_scheme(Q.QuantScheme("int8", 48), "onnx", {})
+    Q.check_scheme(Q.QuantScheme("int4", 64), "onnx", {"hidden_size": 640, "intermediate_size": 2048})
