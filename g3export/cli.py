@@ -20,6 +20,7 @@ import functools
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import click
 
