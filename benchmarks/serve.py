@@ -73,10 +73,10 @@ def via_triton(build, ps, new_tokens, levels, max_batch):
 
 
 def via_scheduler(build, ps, new_tokens, levels, max_batch):
-    from g3export.runtimes.row_slots import RowSlotsSession
+    from g3export.runtimes.loader import open_build
     from g3export.runtimes.scheduler import Request, Scheduler
 
-    sched = Scheduler(RowSlotsSession.from_build(build, batch=max_batch))
+    sched = Scheduler(open_build(build, batch=max_batch)[0])
     sched.start()
 
     def one(p):

@@ -145,6 +145,10 @@ def quantize_graph(m: ir.Model, scheme: Q.QuantScheme, form: str) -> dict[str, i
                 and scheme.embedding:
             (_ort_embedding if form == "ort" else _dq_embedding)(g, v, bits, block)
             n_embed += 1
+        elif len(v.shape) == 2 and v.name.endswith("embed_tokens.weight") and scheme.embedding \
+                and form == "dq":
+            _dq_untied_embedding(g, v, bits, block)
+            n_embed += 1
     if n_linear == 0:
         raise RuntimeError("quantize_graph found no decoder linear layer to quantize")
     if form == "ort":
@@ -252,6 +256,27 @@ def _dq_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int) -> 
     dq = _dq_pair(g, v, bits, block, axis=0)
     g.insert_before(mm, dq)
     mm.replace_input_with(1, dq.outputs[0])
+    g.initializers.pop(v.name)
+
+
+def _dq_untied_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> None:
+    """The TensorRT graphs keep the embedding as torch.onnx writes it, E [vocab, hidden], read by
+    the lookup Gather and by the lm_head's Transpose -> MatMul (one copy in the engine:
+    g3export.export.trt.graph). One DequantizeLinear along axis 1 (blocks along hidden, the
+    lm_head's K) feeds both; codes and scales are quantize_rows(E) as they are."""
+    vocab, hidden = v.shape
+    if hidden % block:
+        raise Q.QuantError(f"{v.name}: hidden={hidden} is not a multiple of the block {block}")
+    cv = v.const_value
+    pair = _Pair(lambda: Q.quantize_rows(cv.numpy().astype(np.float32), bits, block))
+    qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    q = _lazy(g, f"{v.name}.q{bits}", [vocab, hidden], qtype, lambda: pair.get(0))
+    s = _lazy(g, f"{v.name}.scales", [vocab, hidden // block], _float_dtype(v),
+              lambda: pair.get(1))
+    dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1, "block_size": block})
+    g.insert_before(next(iter(g)), dq)
+    for node, idx in list(v.uses()):
+        node.replace_input_with(idx, dq.outputs[0])
     g.initializers.pop(v.name)
 
 
