@@ -41,10 +41,20 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 8
+# Arrays of arrays: llama.cpp writes none for Gemma 3; each level costs only 12 bytes, so without a
+# cap a 1.2 MB file nests 100k deep and the recursive reader hit a RecursionError (a traceback).
+_MAX_NESTING = 8
 
 
 class _Truncated(Exception):
     pass
+
+
+def _label(name: str) -> str:
+    """A name read from the file, for a message: itself if short and printable, else a short
+    repr. A garbage name (misaligned by a corrupt count) put raw bytes and newlines into the
+    one-line error."""
+    return name if len(name) <= 200 and name.isprintable() else repr(name[:80])
 
 
 class _Cursor:
@@ -70,7 +80,7 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
         if vtype == _STRING:
@@ -88,8 +98,10 @@ class _Cursor:
             self.need(count * 8)  # every string has at least its length prefix
             return [self.string() for _ in range(count)]
         if etype == _ARRAY:
+            if depth >= _MAX_NESTING:  # see _MAX_NESTING
+                raise _Truncated(f"metadata arrays nested more than {_MAX_NESTING} deep")
             self.need(count * 12)
-            return [self.value(_ARRAY) for _ in range(count)]
+            return [self.value(_ARRAY, depth + 1) for _ in range(count)]
         raise _Truncated(f"unknown metadata array element type {etype}")
 
 
@@ -125,7 +137,8 @@ class GGUFTensor:
                   27: np.int64, 28: np.float64}.get(int(qtype))
             if dt is not None:
                 return mm.view(dt).reshape(shape)
-        return mm.reshape(*shape[:-1], shape[-1] // block * type_size)
+        lead, last = (shape[:-1], shape[-1]) if shape else ((), 1)  # a 0-D tensor: one element
+        return mm.reshape(*lead, last // block * type_size)
 
     @property
     def data(self) -> np.ndarray:
@@ -162,19 +175,22 @@ def _parse(path: Path) -> GGUFFile:
             metadata: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = c.string()
-                metadata[key] = c.value(c.scalar("<I", 4))
+                try:  # name the key: "needs 2^43 bytes at offset 853" alone does not say where
+                    metadata[key] = c.value(c.scalar("<I", 4))
+                except _Truncated as e:
+                    raise _Truncated(f"metadata {_label(key)}: {e}") from None
             infos = []
             for _ in range(n_tensors):
                 name = c.string()
                 n_dims = c.scalar("<I", 4)
                 if n_dims > _MAX_DIMS:
-                    raise _Truncated(f"tensor {name} has {n_dims} dimensions")
+                    raise _Truncated(f"tensor {_label(name)} has {n_dims} dimensions")
                 dims = [c.scalar("<Q", 8) for _ in range(n_dims)]
                 infos.append((name, dims, c.scalar("<I", 4), c.scalar("<Q", 8)))
             header_end = c.pos
     align = metadata.get("general.alignment", 32)
     if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
-        raise _Truncated(f"general.alignment {align!r} is not a power of two")
+        raise _Truncated(f"general.alignment {_show(align)} is not a power of two")
     data_start = -(-header_end // align) * align
     tensors = []
     for name, dims, ttype, rel in infos:
@@ -182,15 +198,25 @@ def _parse(path: Path) -> GGUFFile:
             qtype = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise _Truncated(f"tensor {name} has unknown type {ttype}") from None
+            raise _Truncated(f"tensor {_label(name)} has unknown type {ttype}") from None
         shape = tuple(int(d) for d in reversed(dims))
+        # An empty dimension makes the tensor 0 bytes, so the size check below passes whatever the
+        # other dimensions claim: (2^40, 0) then looped 2^28 row blocks of nothing (a hang).
+        # Gemma 3 has no empty tensors; with every dimension >= 1 the size check bounds them all.
+        if 0 in shape:
+            raise _Truncated(f"tensor {_label(name)} has an empty dimension (shape {shape})")
         numel = int(np.prod(shape, dtype=object)) if shape else 1
-        if shape and shape[-1] % block:
-            raise _Truncated(f"tensor {name}'s rows ({shape[-1]}) are not whole {qtype.name} blocks")
+        # (a 0-D tensor is one element: with a block type it was 1 // 32 = 0 bytes, then an
+        # IndexError in `raw`; now refused as not whole blocks)
+        row = shape[-1] if shape else 1
+        if row % block:
+            raise _Truncated(f"tensor {_label(name)}'s rows ({row}) are not whole {qtype.name} "
+                             "blocks")
         nbytes = numel // block * type_size
         start = data_start + rel
         if start + nbytes > size:
-            raise _Truncated(f"tensor {name} ends at byte {start + nbytes}, the file has {size}")
+            raise _Truncated(f"tensor {_label(name)} ends at byte {start + nbytes}, the file has "
+                             f"{size}")
         tensors.append(GGUFTensor(name, shape, ttype, start, nbytes, path))
     return GGUFFile(path, metadata, tuple(tensors))
 
@@ -212,12 +238,23 @@ def _cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
                               "fetch it again") from None
     arch = g.metadata.get("general.architecture")
     if arch != "gemma3":
-        raise CheckpointError(f"{path} is a GGUF of architecture {arch!r}, not 'gemma3'")
+        raise CheckpointError(f"{path} is a GGUF of architecture {_show(arch)}, not 'gemma3'")
     return g
 
 
 # ---------------------------------------------------------------------------------------------
 # Typed metadata
+
+
+def _show(v: Any) -> str:
+    """A metadata value for an error message, in one short line. numpy's repr of an array wraps
+    over several lines (and a 262144-element one is long), which broke the one-line error."""
+    if isinstance(v, np.ndarray):
+        return f"an array of {v.size} {v.dtype}"
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def meta_int(g: GGUFFile, key: str, default: Any = None, positive: bool = False) -> Any:
@@ -227,8 +264,8 @@ def meta_int(g: GGUFFile, key: str, default: Any = None, positive: bool = False)
     if isinstance(v, (np.integer,)):
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {v!r}, not an integer; the file "
-                              "is corrupt or not a Gemma 3 GGUF")
+        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {_show(v)}, not an integer; "
+                              "the file is corrupt or not a Gemma 3 GGUF")
     if positive and v <= 0:
         raise CheckpointError(f"{g.path}: GGUF metadata {key} is {v}; it must be positive")
     return v
@@ -239,8 +276,8 @@ def meta_float(g: GGUFFile, key: str, default: Any = None) -> Any:
     if v is None or v is default:
         return v
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {v!r}, not a number; the file "
-                              "is corrupt or not a Gemma 3 GGUF")
+        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {_show(v)}, not a number; "
+                              "the file is corrupt or not a Gemma 3 GGUF")
     if not np.isfinite(float(v)):
         raise CheckpointError(f"{g.path}: GGUF metadata {key} is {v}, not a finite number")
     return float(v)
@@ -249,7 +286,7 @@ def meta_float(g: GGUFFile, key: str, default: Any = None) -> Any:
 def meta_str(g: GGUFFile, key: str, default: Any = None) -> Any:
     v = g.metadata.get(key, default)
     if v is not None and v is not default and not isinstance(v, str):
-        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {v!r}, not a string")
+        raise CheckpointError(f"{g.path}: GGUF metadata {key} is {_show(v)}, not a string")
     return v
 
 
@@ -276,7 +313,8 @@ def gguf_name(name: str) -> str | None:
     if name == "output.weight":
         return LM_HEAD
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() \
+            and parts[3] == "weight" \
             and parts[2] in _BLOCK:
         return f"language_model.layers.{int(parts[1])}.{_BLOCK[parts[2]]}.weight"
     return None
@@ -300,12 +338,13 @@ class GGUFSource(WeightSource):
                 self._t[ours] = t
         if unknown:
             raise CheckpointError(f"{path} has tensors that are not Gemma 3 text weights: "
-                                  f"{few(unknown)}")
+                                  f"{few(map(_label, unknown))}")
 
     def tensors(self):
         return {k: SourceTensor(t.shape, f"{self.path}: {t.name}") for k, t in self._t.items()}
 
     def _blocks(self, name, rows):
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self._t[name]
@@ -317,7 +356,15 @@ class GGUFSource(WeightSource):
             if raw.dtype.kind in "iub" and t.tensor_type in (24, 25, 26, 27):
                 x = torch.from_numpy(np.array(raw))  # integer tensors: refused by check_block
             else:
-                x = torch.from_numpy(np.array(dequantize(raw, t.tensor_type), dtype=np.float32))
+                # A type GGML_QUANT_SIZES knows but gguf.quants cannot dequantize (Q8_1, ...)
+                # raised NotImplementedError, or AttributeError when given a plain int.
+                qtype = GGMLQuantizationType(t.tensor_type)
+                try:
+                    deq = dequantize(raw, qtype)
+                except NotImplementedError:
+                    raise CheckpointError(f"{self.path}: tensor {t.name} is {qtype.name}, which "
+                                          "the gguf package cannot dequantize") from None
+                x = torch.from_numpy(np.array(deq, dtype=np.float32))
                 x = x.reshape((n, *t.shape[1:]) if len(t.shape) > 1 else t.shape)
             del raw
             # llama.cpp writes Gemma's RMSNorm weights as 1 + w; ours are zero-centred like HF's.
@@ -356,7 +403,8 @@ def gguf_config(g: GGUFFile):
     scaling_type = meta_str(g, "gemma3.rope.scaling.type")
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
-            raise CheckpointError(f"{path}: rope scaling {scaling_type!r} is not Gemma 3's (linear)")
+            raise CheckpointError(f"{path}: rope scaling {_show(scaling_type)} is not Gemma 3's "
+                                  "(linear)")
         rope_scaling = {"rope_type": "linear",
                         "factor": meta_float(g, "gemma3.rope.scaling.factor", 1.0)}
     eps = meta_float(g, "gemma3.attention.layer_norm_rms_epsilon", 1e-6)
