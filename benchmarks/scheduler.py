@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--skip-prefill-choice", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
 
     vocab = load_build(a.build_dir).config.text.vocab_size
     rng = np.random.default_rng(0)

@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--skip-scheduler", action="store_true")
     a = ap.parse_args()
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
 
     levels = [int(c) for c in a.concurrency.split(",")]
     vocab = load_build(a.build, check_hashes=False).config.text.vocab_size

@@ -98,15 +98,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/g3-engine-bytes"))
     a = ap.parse_args()
 
-    from g3export.export.build import load_build
+    from g3export.export.manifest import load_build
     from g3export.export.trt import build_engine, text_profiles
 
     shutil.rmtree(a.out, ignore_errors=True)
     small = load_build(_build(512, a.hidden, a.out / "small"))
-    fixed = small.manifest["tensorrt"]["engines"]["text"]["bytes"]
+    fixed = small.manifest.to_dict()["tensorrt"]["engines"]["text"]["bytes"]
     big = load_build(_build(a.vocab, a.hidden, a.out / "big"))
-    section = big.manifest["tensorrt"]
-    weights = big.manifest["files"]["text.onnx.data"]["size"]
+    section = big.manifest.to_dict()["tensorrt"]
+    weights = big.manifest.to_dict()["files"]["text.onnx.data"]["size"]
     embed = a.vocab * a.hidden * 2
     rows = [("g3export (TensorRT graph): [V, H], Gather + MatMul(x, Transpose(E))",
              section["engines"]["text"]["bytes"], section["engines"]["text"]["peak_rss_mb"])]

@@ -251,7 +251,8 @@ def test_engine_holds_each_weight_once(tmp_path):
 
     import torch
 
-    from g3export.export.build import build, load_build
+    from g3export.export.build import build
+    from g3export.export.manifest import load_build
     from g3export.modeling.config import preset
     from g3export.modeling.weights import build_model
 
@@ -265,8 +266,8 @@ def test_engine_holds_each_weight_once(tmp_path):
                                              "compute_capabilities": ["12.0"]})
     del model
     b = load_build(out)
-    weights = b.manifest["files"]["text.onnx.data"]["size"]
-    engine = b.manifest["tensorrt"]["engines"]["text"]["bytes"]
+    weights = b.manifest.to_dict()["files"]["text.onnx.data"]["size"]
+    engine = b.manifest.to_dict()["tensorrt"]["engines"]["text"]["bytes"]
     assert weights > 262144 * 512 * 2
     assert engine <= 1.1 * weights, f"the engine holds {engine / weights:.2f}x the weights"
 

@@ -38,6 +38,9 @@ class _Stub(Session):
         self.step += 1
         return logits
 
+    def forward_row(self, row, input_ids, start_pos, image_features=None):
+        return self.forward(input_ids, start_pos, image_features)
+
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("at", [0, 3])
