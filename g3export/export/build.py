@@ -21,7 +21,6 @@ cannot trust, with a `BuildError` whose message says what to do.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -131,7 +130,6 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
             export_seconds=round(export_s, 2), extra=extra_manifest or {},
             quantization=quant.to_dict() if quant is not None else None)
         manifest.write(tmp)
-        _fsync_dir(tmp)
         od.commit()  # crash-safe swap (g3export.export.outdir)
     finally:
         od.close()  # removes the partial dir if the build did not complete; unlocks
@@ -173,15 +171,3 @@ def _build_engines(partial_dir: Path, plan, ios: list, progress: bool) -> Tensor
     section["onnx_only"] = [io.name for io in ios if io.name not in section["engines"]]
     return TensorRTSection.from_dict(section)
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -275,6 +275,7 @@ class OutputDir:
     def commit(self) -> None:
         """Put the complete partial dir in place of `out` (replacing a build with --force)."""
         assert self.partial is not None
+        _fsync_dir(self.partial)  # its files and manifest are on disk before it is renamed
         blocked = {signal.SIGINT, signal.SIGTERM}
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
