@@ -150,22 +150,23 @@ def test_bad_tensor_refused_while_streaming(hf_tiny_causal, tmp_path, how, what)
 # --- memory --------------------------------------------------------------------------------
 
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 from g3export.modeling.config import ModelConfig, _text
 from g3export.modeling.weights import open_weights
 from g3export.export.build import build
 
-def rss():
+def status(key):  # VmRSS now, VmHWM the peak of this process's own address space: not
+    # ru_maxrss, which Linux carries over fork + execve from the (large) pytest parent
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 
 # 2 layers, a 262144 x 3072 embedding: ~1.7 GB of bf16 weights, most of it in one tensor
 cfg = ModelConfig("mem", _text(2, 3072, 4096, 4, 1, 256, 16, 1.0, 4096))
 model, src = open_weights(cfg, weights="random")
-before = rss()
+before = status("VmRSS")
 out = build(model, None, sys.argv[1], dtype="bf16", max_context=64, progress=False, weights=src)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"before": before, "peak": peak}))
 """
 
