@@ -55,7 +55,9 @@ def test_non_finite_logits_stop_generation(bad, at, sampling):
 
 @pytest.fixture(scope="module")
 def nan_build(tmp_path_factory):
-    """A tiny build whose final norm weight is NaN: every logit is NaN."""
+    """A tiny build whose final norm weight is finite but huge (3e38): the build's own weight
+    check lets it through (it is a finite float), and the logits overflow to inf/NaN at run
+    time. (A NaN weight is refused while the weights stream: tests/export/test_stream.py.)"""
     import torch
 
     from g3export.export.build import build
@@ -63,12 +65,9 @@ def nan_build(tmp_path_factory):
 
     model = build_model("tiny", weights="random")
     with torch.no_grad():
-        model.language_model.norm.weight.fill_(float("nan"))
+        model.language_model.norm.weight.fill_(3e38)
     out = tmp_path_factory.mktemp("nan") / "b"
-    try:
-        build(model, None, out, max_context=32, progress=False)
-    except UserError as e:  # a build that refuses NaN weights already is fine too
-        pytest.skip(f"the build refuses non-finite weights itself: {e}")
+    build(model, None, out, max_context=32, progress=False)
     return out
 
 
