@@ -10,13 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from g3export.cli import main
-from g3export.export.trt import TensorRTMissing, require_tensorrt
-
-try:
-    require_tensorrt("trt-rtx")
-    _WHY = ""
-except TensorRTMissing as e:
-    _WHY = f"TensorRT-RTX is not installed ({str(e).splitlines()[0]})"
+from tests.export.test_trt_build import _WHY  # why TensorRT-RTX builds skip here, if they do
 
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "TensorRT-RTX missing")
 

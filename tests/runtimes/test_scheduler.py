@@ -11,30 +11,19 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from g3export.export.build import build
-from g3export.modeling.config import preset
-from g3export.modeling.text import Gemma3Model
 from g3export.runtimes.generate import GenerationError, generate
 from g3export.runtimes.ort_session import OrtSession
 from g3export.runtimes.reference import TorchSession
 from g3export.runtimes.sampling import SamplingConfig
 from g3export.runtimes.scheduler import Request, Scheduler, SchedulerBusy
+from tests.runtimes.test_generate import model  # noqa: F401  (the shared tiny-model fixture)
 
 MAX_CONTEXT = 64
 CHUNK = 8        # prefill chunk: prompts past it are prefilled over several steps
 W = 8            # the tiny preset's sliding window
 
-
-@pytest.fixture(scope="module")
-def model() -> Gemma3Model:
-    torch.manual_seed(0)
-    m = Gemma3Model(preset("tiny")).eval()
-    with torch.no_grad():  # weights of a scale that makes greedy outputs vary
-        for name, p in m.named_parameters():
-            p.normal_(0, 0.3 if "norm" in name else 0.1)
-    return m
 
 
 @pytest.fixture(scope="module")
