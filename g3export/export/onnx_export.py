@@ -43,6 +43,9 @@ Graph details that matter for memory and speed (the passes run in this order aft
   faster (0.85x the time of the packed `Gemm(transB=1)` it replaced, benchmarks/lm_head.py).
   ONNX Runtime graphs only: TensorRT targets export with tie_lm_head=False and keep torch.onnx's
   [vocab, hidden] form, which TensorRT stores once (this layout twice; g3export.export.trt.graph).
+  Last (after quantization), a float lm_head becomes an `If` on the row count: the 3-D weight
+  for one row, a 2-D view of the same bytes (pre-packed by ORT) for a batched decode step
+  (g3export.export.onnx_lm_head: at 8 rows the 3-D weight is 3x slower).
 * `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
   `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
   nothing to fold and no weight is transposed at session start.
@@ -197,6 +200,10 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
 
         io.options["quantization"] = quantize_graph(m, quant, "ort" if for_ort else "dq")
         opset = io.options["opset"] = m.opset_imports[""]  # blocked DQ raises it to 21
+    if tie_lm_head and for_ort:
+        from .onnx_lm_head import split_lm_head_by_rows
+
+        split_lm_head_by_rows(m)
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)

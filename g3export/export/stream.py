@@ -93,12 +93,17 @@ class Recipe:
 
 
 class StreamTensor(ir.LazyTensor):
-    """An initializer value that is a recipe; read only when written (or asked for)."""
+    """An initializer value that is a recipe; read only when written (or asked for).
 
-    def __init__(self, recipe: Recipe, name: str):
+    alias_of: the name of another initializer whose bytes this one IS, in another shape (the
+    lm_head's 2-D view of the tied embedding, g3export.export.onnx_lm_head): the writer points
+    both at the same range of the .data file and writes the bytes once."""
+
+    def __init__(self, recipe: Recipe, name: str, alias_of: str | None = None):
         super().__init__(lambda: ir.tensor(recipe.materialize(), name=name),
                          dtype=_IR_DTYPES[recipe.dtype], shape=ir.Shape(recipe.shape), name=name)
         self.recipe = recipe
+        self.alias_of = alias_of
 
 
 def stream_tensor(value: ir.Value) -> StreamTensor | None:
@@ -249,6 +254,8 @@ def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     inits = list(m.graph.initializers.values())
+    aliases = [v for v in inits if getattr(v.const_value, "alias_of", None)]
+    inits = [v for v in inits if v not in aliases]
     total = sum(v.const_value.nbytes for v in inits if v.const_value is not None)
     f = _HashedFile(path.parent / data_name)
     try:
@@ -276,6 +283,14 @@ def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True
                                        f"{t.nbytes}")
                 v.const_value = ir.ExternalTensor(data_name, offset, t.nbytes, t.dtype,
                                                   shape=t.shape, name=v.name, base_dir=path.parent)
+        for v in aliases:  # the same bytes as an initializer written above, another shape
+            t, base = v.const_value, m.graph.initializers[v.const_value.alias_of].const_value
+            if not isinstance(base, ir.ExternalTensor) or (base.nbytes, base.dtype) != (
+                    t.nbytes, t.dtype):
+                raise RuntimeError(f"{v.name}: its alias {t.alias_of} was not written with the "
+                                   f"same bytes")
+            v.const_value = ir.ExternalTensor(data_name, base.offset, t.nbytes, t.dtype,
+                                              shape=t.shape, name=v.name, base_dir=path.parent)
     except BaseException:
         os.close(f.fd)
         raise

@@ -34,7 +34,8 @@ Optimized-model cache (`optimized_model_cache=PATH`): the first session writes O
 graph (+ PATH.data for its weights), later ones load it. Measured on the 270M fp32 build (loaded
 machine, noisy): normal start 2.8-4.9 s, writing the cache 4.2-8.3 s, starting from it 1.9-2.9 s.
 A gain of ~1-2 s per start, but the file is hardware-specific (ORT warns about NCHWc layouts) and
-doubles the disk use, so it is off by default.
+doubles the disk use, so it is off by default. A cache is for the batch it was written at (a
+batch-1 session's graph has the lm_head's batched branch folded away, g3export.export.onnx_lm_head).
 """
 
 from __future__ import annotations
@@ -141,10 +142,14 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None, optimized_path: str | None = None,
-                    profile: str | None = None, spinning: bool | None = None):
+                    profile: str | None = None, spinning: bool | None = None,
+                    batch: int | None = None):
     """threads: intra-op threads (default: physical cores). spinning: let idle pool threads spin
     (ORT's default, best on an otherwise idle machine); False when the cores are shared with other
-    busy processes (G3_ORT_SPIN=0 sets it too)."""
+    busy processes (G3_ORT_SPIN=0 sets it too). batch=1 fixes the text graph's symbolic `batch`
+    dimension to 1, so ORT's constant folding resolves the lm_head's If on the row count and
+    never pre-packs its batched branch (g3export.export.onnx_lm_head); a session of more slots
+    keeps both branches (forward_row runs one row, a decode step all of them)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -157,6 +162,8 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: its constant folding warns once per folded constant
+    if batch == 1:
+        so.add_free_dimension_override_by_name("batch", 1)
     if optimized_path:
         so.optimized_model_filepath = optimized_path
         # weights go to a side file (protobuf caps one file at 2 GB)
@@ -223,7 +230,7 @@ class OrtSession(Session):
                 model_path = str(cache)
             else:
                 so_path = str(cache)
-        so = session_options(threads, so_path, profile, spinning)
+        so = session_options(threads, so_path, profile, spinning, batch)
         providers = [self.provider] if self.provider == "CPUExecutionProvider" else [
             self.provider, "CPUExecutionProvider"]
         self.sess = inference_session(model_path, so, providers)
