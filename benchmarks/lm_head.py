@@ -1,17 +1,21 @@
-"""The lm_head of a decode step on ONNX Runtime's CPU: the two layouts of the tied embedding.
+"""The lm_head of a decode step on ONNX Runtime's CPU: the layouts of the tied embedding.
 
-    python benchmarks/lm_head.py [--vocab 262144] [--hidden 640] [--rounds 60] [--threads 2]
+    python benchmarks/lm_head.py [--vocab 262144] [--hidden 640] [--rounds 60] [--threads 2] [--rows 1 8]
 
-One row times a [vocab, hidden] fp32 weight (the 270M's: 671 MB), as g3export's graph could hold it:
-* `gemm_transB`: E [vocab, hidden] as a 2-D initializer, `Gemm(x, E, transB=1)` (what g3export
-  emitted before): ORT pre-packs the 2-D constant at session start (MLAS packed GEMM).
-* `matmul_3d`: E^T [1, hidden, vocab], `MatMul(x, E^T)` (what g3export emits now, see
-  g3export.export.onnx_export._tie_lm_head): ORT pre-packs only 2-D weights, so MLAS runs its
-  unpacked single-row kernel on it.
-Both weights are external data (memory-mapped, as in a build directory). The sessions are timed
+`--rows` rows (a batched decode step has one row per sequence) times a [vocab, hidden] fp32
+weight (the 270M's: 671 MB), as g3export's graph could hold it:
+* `gemm_transB`: E [vocab, hidden] as a 2-D initializer, `Gemm(x, E, transB=1)`: ORT pre-packs
+  the 2-D constant at session start (MLAS packed GEMM). The batched branch of g3export's lm_head
+  (g3export.export.onnx_lm_head) is this kernel on E^T's 2-D view.
+* `matmul_3d`: E^T [1, hidden, vocab], `MatMul(x, E^T)` (g3export's one-row branch, see
+  g3export.export.onnx_passes._tie_lm_head): ORT pre-packs only 2-D weights, so MLAS runs its
+  unpacked kernel on it; fastest for one row, and it packs the weight on every call for more.
+* `matmul_Ex`: E as the left operand, `Transpose(MatMul(E, x^T))` (not pre-packed either; the
+  weight streams once for any row count).
+The weights are external data (memory-mapped, as in a build directory). The sessions are timed
 interleaved in one process with spinning off (a spinning pool of one session steals the cores of
 the next one on a 2-CPU machine: with spinning on, this comparison measured 25% instead of ~6%).
-Reports median and min ms per call, the weight bandwidth and the ratio.
+Reports median and min ms per call, the weight bandwidth and the ratios.
 """
 
 from __future__ import annotations
