@@ -15,9 +15,9 @@
 * Optimization profile: the text engine has ONE profile, `text` (`text_profile()`, from the
   component's I/O): seq 1..prefill_chunk, batch 1..max_batch, opt seq 1. Prefill chunks and
   decode steps both run in it. One profile because TensorRT-RTX keeps the per-layer weights once
-  PER PROFILE (measured: 2.09x the weights with a `prefill` and a `decode` profile, 1.03x / 1.06x
-  with either alone; BENCHMARKS.md §4.1); one engine because two engines would each carry all the
-  weights too. The runtime (g3export.runtimes.trt_session) runs a prefill and a decode execution
+  PER PROFILE (measured on a config of mostly per-layer weights: 2.06x the weights with a
+  `prefill` and a `decode` profile, 1.05x with this one; BENCHMARKS.md §4.1); one engine because
+  two engines would each carry all the weights too. The runtime (g3export.runtimes.trt_session) runs a prefill and a decode execution
   context, both on this profile.
   The opt shape is decode's (seq 1, batch 1): decode is the step that runs once per generated
   token and that the runtime captures in a CUDA graph, so the kernels TensorRT picks at build time
