@@ -2,7 +2,7 @@
 
     flock /tmp/g3-bigjob.lock python benchmarks/trt_builder_memory.py --size 1b \
         [--repo /path/to/a/g3export/checkout] [--out /work/scratch/trt/b] [--keep] \
-        [--min-available-gib 4]
+        [--components text] [--min-available-gib 4]
 
 Two measurements, each in fresh processes of the checkout given by --repo (default: this one), so
 two checkouts (before / after a change) are measured by the same script:
@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     ap.add_argument("--out", type=Path, default=Path("/tmp/g3-trt-builder-memory"))
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--components", default=None,
+                    help="passed to g3export build (e.g. text: the builder only sees the text "
+                         "graph; a model's vision graph stays ONNX)")
     ap.add_argument("--min-available-gib", type=float, default=4.0,
                     help="kill the measurement when MemAvailable falls below this")
     a = ap.parse_args()
@@ -129,12 +132,14 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"{a.size}-trt-rtx"
     shutil.rmtree(out, ignore_errors=True)
-    row = {"size": a.size, "repo": str(a.repo)}
+    row = {"size": a.size, "repo": str(a.repo), "components": a.components}
     try:
         t0 = time.perf_counter()
         _, tree = run_watched([sys.executable, "-c", "from g3export.cli import main; main()",
                                "build", "--size", a.size, "--weights", "random", "--target",
-                               "trt-rtx", "--out", str(out)], env, a.out, reserve)
+                               "trt-rtx", "--out", str(out),
+                               *(["--components", a.components] if a.components else [])],
+                              env, a.out, reserve)
         row.update(wall_s=round(time.perf_counter() - t0, 1),
                    build_peak_mib=round(_children_peak_mib()),
                    build_tree_peak_mib=round(tree / 2**20))
