@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def _tree_rss(pid: int) -> int:
+def tree_rss(pid: int) -> int:
     """Resident bytes of `pid` and all its descendants (0 for processes that are gone)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -59,7 +59,7 @@ def measure(args: list[str], out: Path, interval: float = 0.2) -> dict:
                                  str(out)], stdout=subprocess.DEVNULL, stderr=err)
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, _tree_rss(proc.pid))
+            peak = max(peak, tree_rss(proc.pid))
             time.sleep(interval)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -1,6 +1,8 @@
-"""How many copies of the tied embedding a TensorRT-RTX engine holds, by embedding layout.
+"""How many copies of the weights a TensorRT-RTX engine holds: by embedding layout, and with one
+optimization profile (g3export's) against the two (`prefill` + `decode`) of builds before issue 12.
 
-    python benchmarks/trt_engine_bytes.py [--vocab 262144] [--hidden 64] [--out /tmp/g3-engine-bytes]
+    python benchmarks/trt_engine_bytes.py [--vocab 262144] [--hidden 64] [--intermediate N]
+        [--out /tmp/g3-engine-bytes]
 
 Builds the tiny preset with a `vocab x hidden` embedding (random bf16 weights, native attention,
 max_context 48, TensorRT-RTX's default compute capabilities) as a `--target trt-rtx` build (the
@@ -10,7 +12,10 @@ Transpose(E))), then re-writes that graph with the ONNX Runtime layout of the em
 a 2-D Gemm(transB=1) lm_head, builds an engine from each, and builds the same model with a
 512-row vocabulary for the engine's fixed part (kernels). Prints, per layout, the engine bytes
 and the copies of the embedding in it: (engine - fixed part) / embedding bytes, and the peak RSS
-of the engine builder's child process (it parses the file by path). No GPU needed.
+of the engine builder's child process (it parses the file by path). Then builds g3export's graph
+once more with the two profiles builds had before issue 12 (`prefill`: seq 1..chunk, opt chunk;
+`decode`: seq 1). `--intermediate` widens the MLP so that the per-layer weights dominate (the
+profile effect is on them; the embedding is not duplicated per profile). No GPU needed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _build(vocab: int, hidden: int, out: Path) -> Path:
+def _build(vocab: int, hidden: int, out: Path, intermediate: int | None = None) -> Path:
     import torch
 
     from g3export.export.build import build
@@ -32,7 +37,8 @@ def _build(vocab: int, hidden: int, out: Path) -> Path:
 
     tiny = preset("tiny")
     cfg = dataclasses.replace(tiny, name=f"tiny-{vocab}x{hidden}", text=dataclasses.replace(
-        tiny.text, vocab_size=vocab, hidden_size=hidden))
+        tiny.text, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=intermediate or tiny.text.intermediate_size))
     model = build_model(cfg, weights="random", dtype=torch.bfloat16)
     return build(model, None, out, target="trt-rtx", dtype="bf16", max_context=48, force=True,
                  progress=False, trt_options={"attention": "native"})
@@ -91,35 +97,60 @@ def _variant(src: Path, kind: str, out: Path) -> Path:
     return out / "text.onnx"
 
 
+def _two_profiles(io, chunk: int) -> list:
+    """The profiles of builds before issue 12: `prefill` (seq 1..chunk, opt chunk) and `decode`
+    (seq 1), batch 1, image rows 1..chunk."""
+    from g3export.export.trt import Profile
+
+    def resolve(shape, seq):
+        dims = [(d, d, d) if isinstance(d, int) else {"seq": seq, "batch": (1, 1, 1),
+                                                     "image_tokens": (1, chunk, chunk)}[d]
+                for d in shape]
+        return tuple(tuple(v[i] for v in dims) for i in range(3))
+
+    return [Profile(name, {t.name: resolve(t.shape, seq) for t in io.inputs
+                           if any(isinstance(d, str) for d in t.shape)})
+            for name, seq in (("prefill", (1, chunk, chunk)), ("decode", (1, 1, 1)))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=262144)
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--intermediate", type=int, default=None,
+                    help="MLP width (default: the tiny preset's)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/g3-engine-bytes"))
     a = ap.parse_args()
 
     from g3export.export.manifest import load_build
-    from g3export.export.trt import build_engine, text_profiles
+    from g3export.export.trt import Profile, build_engine
 
     shutil.rmtree(a.out, ignore_errors=True)
-    small = load_build(_build(512, a.hidden, a.out / "small"))
+    small = load_build(_build(512, a.hidden, a.out / "small", a.intermediate))
     fixed = small.manifest.to_dict()["tensorrt"]["engines"]["text"]["bytes"]
-    big = load_build(_build(a.vocab, a.hidden, a.out / "big"))
+    big = load_build(_build(a.vocab, a.hidden, a.out / "big", a.intermediate))
     section = big.manifest.to_dict()["tensorrt"]
     weights = big.manifest.to_dict()["files"]["text.onnx.data"]["size"]
     embed = a.vocab * a.hidden * 2
-    rows = [("g3export (TensorRT graph): [V, H], Gather + MatMul(x, Transpose(E))",
+    engine = big.tensorrt.engines["text"]
+    profiles = [Profile(p["name"], {k: tuple(tuple(x) for x in v) for k, v in p["shapes"].items()})
+                for p in engine.profiles]
+    rows = [("g3export (TensorRT graph): [V, H], Gather + MatMul(x, Transpose(E)); one profile",
              section["engines"]["text"]["bytes"], section["engines"]["text"]["peak_rss_mb"])]
-    profiles = text_profiles(big.component("text"), section["prefill_chunk"])
     for kind, label in (("ort_3d", "ONNX Runtime layout: [1, H, V], Gather(axis=2) + MatMul"),
                         ("gemm_transB", "[V, H], Gather + Gemm(transB=1)")):
         onnx = _variant(big.root, kind, a.out / kind)
         info = build_engine(onnx, a.out / kind / "text.engine", "trt-rtx", profiles=profiles,
                             dtype="bf16", plugins=(), isolate=True)
         rows.append((label, info.bytes, info.peak_rss_mb))
+    two = _two_profiles(big.component("text"), section["prefill_chunk"])
+    info = build_engine(big.path(engine.onnx), a.out / "two.engine", "trt-rtx", profiles=two,
+                        dtype="bf16", plugins=(), isolate=True)
+    rows.append(("g3export's graph, two profiles (prefill, decode: before issue 12)", info.bytes,
+                 info.peak_rss_mb))
     print(f"tiny preset, embedding {a.vocab} x {a.hidden} bf16 = {embed:,} B; weights "
           f"{weights:,} B; engine of the 512-row model (fixed part) {fixed:,} B")
-    print("| embedding layout | engine bytes | engine / weights | embedding copies | builder peak "
+    print("| graph | engine bytes | engine / weights | embedding copies | builder peak "
           "RSS MiB |")
     print("|---|---|---|---|---|")
     for label, n, peak in rows:

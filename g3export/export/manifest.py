@@ -79,8 +79,9 @@ def package_version(pkg: str) -> str | None:
 @dataclass(frozen=True)
 class EngineEntry:
     """One TensorRT engine: its file, the .onnx it was built from, its optimization profiles
-    ([{"name": "prefill"|"decode", "shapes": ...}]); `extra` keeps the build's statistics
-    (bytes, seconds, peak RSS, layer counts) and any field a newer builder adds."""
+    ([{"name": ..., "shapes": {input: [min, opt, max]}}]: one, "text", since issue 12; builds
+    before it have "prefill" and "decode"); `extra` keeps the build's statistics (bytes, seconds,
+    peak RSS, layer counts) and any field a newer builder adds."""
 
     file: str
     onnx: str
@@ -90,6 +91,23 @@ class EngineEntry:
     @property
     def profile_names(self) -> list[str]:
         return [p["name"] for p in self.profiles]
+
+    def profile_for(self, batch: int, chunk: int, ids: str = "input_ids") -> int:
+        """The index of the first profile in which every step of a runtime with `batch` rows and
+        chunks of 1..`chunk` tokens runs: `ids` ([batch, seq]) takes batch 1..`batch` and seq
+        1..`chunk` (decode [batch, 1], prefill [batch or 1, 1..chunk]). A build before issue 12
+        answers its "prefill" profile. BuildError when none does."""
+        for i, p in enumerate(self.profiles):
+            shapes = p.get("shapes", {}).get(ids)
+            if shapes is None:  # the input is static in this profile
+                return i
+            lo, _, hi = shapes  # [batch, seq] each (the schema checked three int lists)
+            if (len(lo) == len(hi) == 2 and lo[0] <= 1 <= batch <= hi[0]
+                    and lo[1] <= 1 <= chunk <= hi[1]):
+                return i
+        raise BuildError(f"no optimization profile of {self.file} takes {ids} of batch 1..{batch} "
+                         f"and 1..{chunk} tokens (profiles: {self.profile_names}); rebuild it "
+                         "with g3export build")
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "onnx": self.onnx, "profiles": [dict(p) for p in self.profiles],
@@ -107,7 +125,7 @@ class TensorRTSection:
     compute_capabilities: list[str] | None
     dtype: str
     attention: str                       # plugin | native
-    prefill_chunk: int                   # the longest chunk of the prefill profile
+    prefill_chunk: int                   # the longest chunk the engine's profile takes
     engines: dict[str, EngineEntry]      # {component: engine}
     max_batch: int = 1
     chunk_align: int | None = None       # native: no chunk crosses a multiple of this

@@ -103,6 +103,19 @@ _TRT_FIELDS = {  # name: (kinds, default; ... = required)
 }
 
 
+def _profile(p: dict[str, Any], where: str) -> None:
+    """{"name": str, "shapes": {input: [min, opt, max]}}: three int lists of one rank each,
+    0 <= min <= opt <= max."""
+    get(p, "name", "str", where)
+    for name, v in get(p, "shapes", "object", where, {}).items():
+        w = f"{where}.shapes.{name}"
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(s, list) for s in v)
+                and len({len(s) for s in v}) == 1 and all(_is(x, "int") for s in v for x in s)):
+            fail(w, f"must be [min, opt, max], three int lists of one rank, got {short(v)}")
+        if not all(0 <= a <= b <= c for a, b, c in zip(*v)):
+            fail(w, f"must have 0 <= min <= opt <= max in every dimension, got {short(v)}")
+
+
 def tensorrt(d: Any, where: str, fields: list[str]) -> dict[str, Any]:
     d = obj(d, where)
     out = {k: get(d, k, kinds, where, default) for k, (kinds, default) in _TRT_FIELDS.items()}
@@ -118,7 +131,7 @@ def tensorrt(d: Any, where: str, fields: list[str]) -> dict[str, Any]:
         e = obj(e, w)
         profiles = get(e, "profiles", "list", w)
         for i, p in enumerate(profiles):
-            get(obj(p, f"{w}.profiles[{i}]"), "name", "str", f"{w}.profiles[{i}]")
+            _profile(obj(p, f"{w}.profiles[{i}]"), f"{w}.profiles[{i}]")
         engines[name] = {"file": get(e, "file", "str", w), "onnx": get(e, "onnx", "str", w),
                          "profiles": tuple(profiles),
                          "extra": {k: v for k, v in e.items()

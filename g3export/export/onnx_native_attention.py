@@ -34,10 +34,13 @@ Limits (TensorRT-RTX 1.7, measured; they are the runtime's contract for this tra
   [start mod S, start mod S + T) and must not run past the end of the buffer. On a sliding layer
   (S = W) a prefill chunk must therefore not wrap the ring: chunks aligned to the window (every
   chunk starts at a multiple of its length and the length divides W; decode, T = 1, always fits).
-  On a full layer S = max_context, so start + T <= max_context. In particular T <= W, and
-  TensorRT checks it at build time: a prefill profile whose max T exceeds the smallest ring is
+  On a full layer S = max_context, so start + T <= max_context. In particular T <= W. TensorRT
+  checks it at build time only for the profile's OPT shape: an opt T beyond the smallest ring is
   refused ("IKVCacheUpdateLayer `update` ... sequence length must be less than or equal to
-  `cache` ... max sequence length"). Prefill chunk = W is the natural choice.
+  `cache` ... max sequence length"); a max T beyond it only gives a warning ("Profile kMAX values
+  are not self-consistent") and the engine is built. The text engine's profile has opt T = 1
+  (trt/engine.text_profile), so g3export's plan refuses such a prefill chunk itself
+  (trt/options.py). Prefill chunk = W is the natural choice.
 * Images: an image's tokens must be in one chunk (bidirectional block) AND the chunk must not
   cross a multiple of W. An image that straddles a multiple of W cannot be prefilled by this
   translation; the runtime has to refuse such a prompt for a native build (or place images).

@@ -20,7 +20,7 @@ from ..dtypes import DTYPES
 from .config import FULL, ConfigError, TextConfig
 
 # Tokens one graph call writes into the cache by default: generate()'s prefill chunk, ORT's
-# longest chunk, the TensorRT engines' prefill profile. One constant, read by all of them.
+# longest chunk, the longest chunk of the TensorRT engines' profile. One constant, read by all.
 DEFAULT_PREFILL_CHUNK = 512
 
 

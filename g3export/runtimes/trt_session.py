@@ -14,8 +14,18 @@ Contract:
   the library, `TensorRTMissing`. Importing this module needs neither.
 * Plugin builds (`tensorrt.attention == "plugin"`): the G3Attention plugin creator is registered
   (g3export.export.kernels.trt_plugin.register_plugins) before the engine is deserialized.
-* One engine, two optimization profiles (`prefill`: 1..prefill_chunk tokens, `decode`: 1 token),
-  one execution context per profile.
+* One engine with ONE optimization profile (seq 1..prefill_chunk, batch 1..max_batch; opt = the
+  decode step, g3export.export.trt.engine.text_profile): a profile per shape regime would make
+  TensorRT-RTX keep every per-layer weight once per profile. Two execution contexts, `prefill`
+  and `decode`, both on that profile (`make_contexts`; contexts may share a profile since
+  TensorRT 10, which made PROFILE_SHARING_0806 always on, and TensorRT-RTX). Two rather than one
+  so that the decode context's input shapes and tensor addresses never change after it is set
+  up: its CUDA graph is captured once and stays valid (a graph replays the shapes and addresses
+  it was captured with), while the prefill context is re-shaped for every chunk and re-pointed by
+  `forward_row`. They run one after the other on one stream. Each allocates the engine's
+  activation memory (STATIC), as the two contexts of the two-profile engines did. A build made
+  before this (profiles `prefill` and `decode`) runs too: both contexts take the profile that
+  covers 1..prefill_chunk tokens (`EngineEntry.profile_for`: its `prefill`).
 * The static KV cache (g3export.modeling.cache.kv_layout) is allocated ONCE on the GPU as torch
   CUDA tensors (zeros) and the same device address is bound to past_*_i and present_*_i of both
   contexts (`set_tensor_address`): the engine updates it in place. input_ids, start_pos,
@@ -23,7 +33,7 @@ Contract:
   (fixed shapes, fixed addresses) is captured in a CUDA graph after its first (warm-up) run and
   replayed from then on (`cuda_graph=False` turns that off; a capture that fails falls back to
   plain enqueues and says so in `self.cuda_graph_error`).
-* Chunk limits (honoured by g3export.runtimes.generate): `prefill_chunk` = the prefill profile's
+* Chunk limits (honoured by g3export.runtimes.generate): `prefill_chunk` = the profile's
   longest chunk; `chunk_align` (native builds only) = the smallest ring: a chunk never crosses a
   multiple of it, because TensorScatter(mode=linear) must not wrap a sliding layer's ring.
   `forward` checks both and raises ValueError rather than run a wrong chunk.
@@ -39,6 +49,8 @@ Contract:
 
 Not run here (no GPU on the machines this was written on): everything below `from_build`'s GPU
 check. It follows the TensorRT 10 / TensorRT-RTX 1.x Python API (named tensors, execute_async_v3).
+The choice of profile and the context set-up (`make_contexts`) are checked on CPU against a fake
+engine (tests/runtimes/test_trt_contexts.py).
 """
 
 from __future__ import annotations
@@ -72,6 +84,35 @@ def _require_gpu(target: str) -> Any:
     return torch
 
 
+def make_contexts(engine: Any, profile: int, stream_handle: int, trt: Any) -> dict[str, Any]:
+    """The `prefill` and `decode` execution contexts of a deserialized engine, both on
+    optimization profile `profile` (the module docstring says why two on one profile). The
+    profile switch is enqueued on `stream_handle`, the stream every later enqueue uses.
+
+    TensorRT-RTX (a library with `DynamicShapesKernelSpecializationStrategy`): the decode context
+    compiles its shape-specialised kernels EAGERLY (blocking, on its first run) instead of lazily
+    in the background, so that the decode CUDA graph, captured on its second run, records the
+    specialised kernels and not the generic fallback ones that run until a lazy compile is done.
+    The prefill context keeps the library's default (lazy): it is never captured."""
+    eager = getattr(getattr(trt, "DynamicShapesKernelSpecializationStrategy", None), "EAGER", None)
+    contexts = {}
+    for name in ("prefill", "decode"):
+        if name == "decode" and eager is not None:
+            config = engine.create_runtime_config()
+            config.dynamic_shapes_kernel_specialization_strategy = eager
+            ctx = engine.create_execution_context(runtime_config=config)
+        else:
+            ctx = engine.create_execution_context()
+        if ctx is None:  # TensorRT logs why: usually the GPU memory for its activations
+            raise BuildError(f"TensorRT could not create the {name} execution context (see the "
+                             "TensorRT log above; out of GPU memory?)")
+        if not ctx.set_optimization_profile_async(profile, stream_handle):
+            raise BuildError(f"TensorRT refused optimization profile {profile} for the {name} "
+                             f"execution context (the engine has {engine.num_optimization_profiles})")
+        contexts[name] = ctx
+    return contexts
+
+
 class TrtSession(Session):
     """See the module docstring."""
 
@@ -102,13 +143,14 @@ class TrtSession(Session):
         if batch > section.max_batch:
             raise BuildError(f"this engine was built for batch <= {section.max_batch}; "
                              "rebuild with --max-batch")
+        engine = section.engines["text"]
+        self.profile = engine.profile_for(batch, self.prefill_chunk)  # every step runs in it
         self.dev = torch.device("cuda", device)
         torch.cuda.set_device(self.dev)
         self.stream = torch.cuda.Stream(self.dev)
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        engine = section.engines["text"]
         engine_file = build.path(engine.file)
         self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
@@ -119,12 +161,7 @@ class TrtSession(Session):
                 f"{section.compute_capabilities or 'the build GPU'}; engines are portable "
                 f"across none of these. Rebuild it on/for this GPU (g3export build ... --target "
                 f"{build.target})")
-        names = engine.profile_names
-        self.contexts = {}
-        for name in ("prefill", "decode"):
-            ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(names.index(name), self.stream.cuda_stream)
-            self.contexts[name] = ctx
+        self.contexts = make_contexts(self.engine, self.profile, self.stream.cuda_stream, trt)
 
         tdt = DTYPES[self.dtype].torch
         self.layout = build.kv_layout(batch)  # what the manifest records (checked on load)

@@ -289,14 +289,15 @@ def test_compute_capabilities_one_table():
 # TensorRT-RTX: parse every node, create the plugin from the registry, serialize engines
 
 
-def _two_profiles(chunk: int = W) -> list[trt_mod.Profile]:
-    """prefill 1..chunk and decode. The native graph needs chunk <= W: TensorRT checks at build
-    time that a KV-cache update is no longer than its cache (here the 4-slot ring)."""
-    def prof(name, t):
-        shapes = {n: ((1, h, 1, D), (1, h, t, D), (1, h, t, D)) for n, h in (("q", H), ("k", KV), ("v", KV))}
-        shapes["image_groups"] = ((1, 1), (1, t), (1, t))
-        return trt_mod.Profile(name, shapes)
-    return [prof("prefill", chunk), prof("decode", 1)]
+def _profiles(chunk: int = W, opt: int = 1) -> list[trt_mod.Profile]:
+    """The one profile a text engine has (engine.text_profile): seq 1..chunk, opt 1 (decode). The
+    native graph needs chunk <= W (a KV-cache update no longer than its cache, here the 4-slot
+    ring): TensorRT-RTX refuses a profile whose OPT exceeds it, and only warns ("Profile kMAX
+    values are not self-consistent") when only the max does; g3export's plan refuses such a chunk
+    itself (options.py, test_trt_build::test_native_prefill_chunk_longer_than_window_refused)."""
+    shapes = {n: ((1, h, 1, D), (1, h, opt, D), (1, h, chunk, D)) for n, h in (("q", H), ("k", KV), ("v", KV))}
+    shapes["image_groups"] = ((1, 1), (1, opt), (1, chunk))
+    return [trt_mod.Profile(trt_mod.TEXT_PROFILE, shapes)]
 
 
 @needs_rtx
@@ -309,7 +310,7 @@ def test_soname_fix_in_a_fresh_process(tmp_path, two):
         link.unlink()
     code = ("import sys; sys.path.insert(0, {!r}); import test_trt as t;"
             "from g3export.export.trt import build_engine, ensure_rtx_soname;"
-            "i = build_engine({!r}, {!r}, 'trt-rtx', profiles=t._two_profiles());"
+            "i = build_engine({!r}, {!r}, 'trt-rtx', profiles=t._profiles());"
             "print('OK', i.bytes, ensure_rtx_soname().method)").format(
                 str(Path(__file__).parent), str(two["plugin"]), str(tmp_path / "e"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -323,11 +324,11 @@ def test_soname_fix_in_a_fresh_process(tmp_path, two):
 def test_isolated_build_in_child_process(two, tmp_path):
     """The build path used when the soname fix needs LD_LIBRARY_PATH: a child process."""
     info = trt_mod.build_engine(two["plugin"], tmp_path / "c.engine", "trt-rtx",
-                                profiles=_two_profiles(), isolate=True)
+                                profiles=_profiles(), isolate=True)
     assert info.layer_types == {"PLUGIN_V3": 2} and (tmp_path / "c.engine").stat().st_size == info.bytes
     with pytest.raises(trt_mod.EngineBuildError):  # errors come back as exceptions, no engine
         trt_mod.build_engine(two["native"], tmp_path / "d.engine", "trt-rtx",
-                             profiles=_two_profiles(8), isolate=True)
+                             profiles=_profiles(8, opt=8), isolate=True)
     assert not (tmp_path / "d.engine").exists()
 
 
@@ -341,7 +342,7 @@ def test_child_imports_this_package_not_a_decoy(two, tmp_path, monkeypatch):
     monkeypatch.chdir(decoy)
     monkeypatch.setenv("PYTHONPATH", str(decoy))
     info = trt_mod.build_engine(two["plugin"], tmp_path / "e.engine", "trt-rtx",
-                                profiles=_two_profiles(), isolate=True)
+                                profiles=_profiles(), isolate=True)
     assert info.layer_types == {"PLUGIN_V3": 2} and info.peak_rss_mb > 0
 
 
@@ -359,7 +360,7 @@ def test_weight_stripped_engines_need_a_gpu(two, flag):
     assert parser.parse_from_file(str(two["native"]))
     config = builder.create_builder_config()
     config.set_flag(getattr(trt.BuilderFlag, flag))
-    for prof in _two_profiles():
+    for prof in _profiles():
         p = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof.shapes.items():
             p.set_shape(name, mn, opt, mx)
@@ -369,12 +370,12 @@ def test_weight_stripped_engines_need_a_gpu(two, flag):
 
 @needs_rtx
 def test_native_builds_with_tensorrt_rtx(two, tmp_path):
-    with pytest.raises(trt_mod.EngineBuildError):  # a prefill profile longer than the ring
+    with pytest.raises(trt_mod.EngineBuildError):  # an opt chunk longer than the ring
         trt_mod.build_engine(two["native"], tmp_path / "n.engine", "trt-rtx",
-                             profiles=_two_profiles(8), dtype="fp32")
+                             profiles=_profiles(8, opt=8), dtype="fp32")
     assert not (tmp_path / "n.engine").exists()
     info = trt_mod.build_engine(two["native"], tmp_path / "n.engine", "trt-rtx",
-                                profiles=_two_profiles(), dtype="fp32",
+                                profiles=_profiles(), dtype="fp32",
                                 compute_capabilities=["8.6", "12.0"])
     assert info.bytes == (tmp_path / "n.engine").stat().st_size > 0
     lt = info.layer_types
@@ -398,7 +399,7 @@ def test_plugin_builds_with_tensorrt_rtx(two, tmp_path):
     plugin_cls.__init__ = spy
     try:
         info = trt_mod.build_engine(two["plugin"], tmp_path / "p.engine", "trt-rtx",
-                                    profiles=_two_profiles(), dtype="fp32")
+                                    profiles=_profiles(), dtype="fp32")
     finally:
         plugin_cls.__init__ = orig
     assert info.layer_types == {"PLUGIN_V3": 2}
@@ -455,7 +456,7 @@ def test_half_precision_builds(tmp_path, which, dtype):
     trt_mod.prepare_for_tensorrt(m)
     ir.save(m, tmp_path / "m.onnx")
     info = trt_mod.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", "trt-rtx",
-                                profiles=_two_profiles(), dtype=dtype)
+                                profiles=_profiles(), dtype=dtype)
     assert info.bytes > 0 and info.decomposable_attention == 0
     if which == "native":
         assert info.layer_types.get("ATTENTION_INPUT") == 3
@@ -568,10 +569,10 @@ def test_tiny_plugin_mapped_tokens_equal_reference(tiny):
 @needs_rtx
 @pytest.mark.parametrize("which", ["native", "plugin"])
 def test_tiny_builds_with_tensorrt_rtx(tiny, which, tmp_path):
-    profiles = trt_mod.text_profiles(tiny["io"], chunk=8, batch=(1, 1, 2))
-    assert [p.name for p in profiles] == ["prefill", "decode"]
+    profile = trt_mod.text_profile(tiny["io"], chunk=8, max_batch=2)
     info = trt_mod.build_engine(tiny[which], tmp_path / "text.engine", "trt-rtx",
-                                profiles=profiles, dtype="fp32")
+                                profiles=[profile], dtype="fp32")
+    assert info.profiles == [profile.to_dict()]
     assert info.bytes > 0
     if which == "native":
         assert info.layer_types.get("ATTENTION_INPUT") == 6

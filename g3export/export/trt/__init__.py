@@ -14,8 +14,8 @@
 The names below are the package's API; import them from `g3export.export.trt`.
 """
 
-from .engine import (DEFAULT_PLUGINS, EngineBuildError, EngineInfo, Profile, build_engine,
-                     text_profiles)
+from .engine import (DEFAULT_PLUGINS, TEXT_PROFILE, EngineBuildError, EngineInfo, Profile,
+                     build_engine, text_profile)
 from .graph import prepare_for_tensorrt, tensorrt_passes
 from .library import (FLAVOURS, SonameFix, TensorRTMissing, ensure_rtx_soname, library_name,
                       require_tensorrt, rtx_env)
@@ -23,9 +23,9 @@ from .options import (DEFAULT_PREFILL_CHUNK, FP16_NOTE, RTX_COMPUTE_CAPABILITIES
                       EngineOptionError, EnginePlan, check_options, plan_engines, smallest_ring)
 from .step import build_text_engine, smallest_ring_from_io
 
-__all__ = ["DEFAULT_PLUGINS", "EngineBuildError", "EngineInfo", "Profile", "build_engine",
-           "text_profiles", "prepare_for_tensorrt", "tensorrt_passes", "FLAVOURS", "SonameFix",
-           "TensorRTMissing", "ensure_rtx_soname", "library_name", "require_tensorrt", "rtx_env",
+__all__ = ["DEFAULT_PLUGINS", "TEXT_PROFILE", "EngineBuildError", "EngineInfo", "Profile",
+           "build_engine", "text_profile", "prepare_for_tensorrt", "tensorrt_passes", "FLAVOURS",
+           "SonameFix", "TensorRTMissing", "ensure_rtx_soname", "library_name", "require_tensorrt", "rtx_env",
            "DEFAULT_PREFILL_CHUNK", "FP16_NOTE", "RTX_COMPUTE_CAPABILITIES", "EngineOptionError",
            "EnginePlan", "check_options", "plan_engines", "smallest_ring", "build_text_engine",
            "smallest_ring_from_io"]

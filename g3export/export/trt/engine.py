@@ -12,10 +12,19 @@
   it), and the libtensorrt_rtx.so
   fix may need LD_LIBRARY_PATH set at process start (library.py). None = a child only when the
   fix needs it.
-* Optimization profiles: ONE engine with two profiles, `prefill` (seq 1..chunk, opt chunk) and
-  `decode` (seq = 1). One engine because two would each carry all the weights (the tied 262144-row
-  embedding alone is 1 GiB at 12B bf16); the runtime creates one execution context per profile,
-  both bound to the same KV-cache buffers. `text_profiles()` builds them from the component's I/O.
+* Optimization profile: the text engine has ONE profile, `text` (`text_profile()`, from the
+  component's I/O): seq 1..prefill_chunk, batch 1..max_batch, opt seq 1. Prefill chunks and
+  decode steps both run in it. One profile because TensorRT-RTX keeps the per-layer weights once
+  PER PROFILE (measured on a config of mostly per-layer weights: 2.06x the weights with a
+  `prefill` and a `decode` profile, 1.05x with this one; BENCHMARKS.md §4.1); one engine because
+  two engines would each carry all the weights too. The runtime (g3export.runtimes.trt_session) runs a prefill and a decode execution
+  context, both on this profile.
+  The opt shape is decode's (seq 1, batch 1): decode is the step that runs once per generated
+  token and that the runtime captures in a CUDA graph, so the kernels TensorRT picks at build time
+  (classic TensorRT tunes its tactics at opt) are the ones for the shape that runs most. Prefill
+  is one call per chunk of the prompt, compute-bound, and TensorRT-RTX compiles kernels
+  specialised to each new shape at run time anyway (`DynamicShapesKernelSpecializationStrategy`,
+  lazy by default: a generic kernel until the specialised one is ready).
 * fp32 networks: TensorRT-RTX builds fp32 `Attention` only when the layer is decomposable, so
   every attention layer of an fp32 network is marked decomposable (bf16/fp16 stay fused).
 * The preview feature ALIASED_PLUGIN_IO_10_03 is enabled: the attention plugin declares its cache
@@ -68,35 +77,33 @@ class Profile:
                 "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
 
 
-def text_profiles(io: Any, chunk: int, batch: tuple[int, int, int] = (1, 1, 1),
-                  image_tokens: int | None = None) -> list[Profile]:
-    """`prefill` (seq 1..chunk, opt chunk) and `decode` (seq 1) for a text ComponentIO
-    (g3export.export.onnx_export.text_io): symbolic dims are resolved as
-    batch -> batch (min, opt, max), seq -> the profile's range, image_tokens -> 1..image_tokens."""
-    def resolve(spec_shape: Sequence[int | str], seq: tuple[int, int, int]) -> tuple[Shape, Shape, Shape]:
+TEXT_PROFILE = "text"  # the name of the text engine's one optimization profile
+
+
+def text_profile(io: Any, chunk: int, max_batch: int = 1,
+                 image_tokens: int | None = None) -> Profile:
+    """The text engine's one optimization profile (module docstring) for a text ComponentIO
+    (g3export.export.graph_io.text_io). Symbolic dims are resolved as (min, opt, max):
+    seq -> (1, 1, chunk), batch -> (1, 1, max_batch), image_tokens -> (1, 1, image_tokens or
+    chunk); opt is the decode step's shape (seq 1, batch 1, one image_features row)."""
+    rules = {"seq": (1, 1, chunk), "batch": (1, 1, max_batch),
+             "image_tokens": (1, 1, image_tokens or chunk)}
+
+    def resolve(spec_shape: Sequence[int | str]) -> tuple[Shape, Shape, Shape]:
         out: list[list[int]] = [[], [], []]
         for d in spec_shape:
             if isinstance(d, int):
                 vals = (d, d, d)
-            elif d == "batch":
-                vals = batch
-            elif d == "seq":
-                vals = seq
-            elif d == "image_tokens":
-                n = image_tokens or chunk
-                vals = (1, n, n)
+            elif d in rules:
+                vals = rules[d]
             else:
                 raise ValueError(f"no profile rule for symbolic dim {d!r}")
             for i in range(3):
                 out[i].append(int(vals[i]))
         return tuple(out[0]), tuple(out[1]), tuple(out[2])
 
-    profiles = []
-    for name, seq in (("prefill", (1, chunk, chunk)), ("decode", (1, 1, 1))):
-        shapes = {t.name: resolve(t.shape, seq) for t in io.inputs
-                  if any(isinstance(d, str) for d in t.shape)}
-        profiles.append(Profile(name, shapes))
-    return profiles
+    return Profile(TEXT_PROFILE, {t.name: resolve(t.shape) for t in io.inputs
+                                  if any(isinstance(d, str) for d in t.shape)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,12 +23,16 @@ the manifest's `files` covers them):
     attention             "plugin" | "native"   (Translation.manifest())
     opset                 int                   (Translation.manifest())
     plugin                {"name", "namespace", "version"}, plugin translation only
-    prefill_chunk         int: the prefill profile's longest chunk
+    prefill_chunk         int: the longest chunk the engine's profile takes
     chunk_align           int (native: the smallest ring) or None
     max_batch             int
     timing_cache          str path or None
     engines               {"text": {file, onnx, profiles, bytes, build_seconds, peak_rss_mb,
                                     layers, layer_types}}
+                          profiles: ONE profile, [{"name": "text", "shapes": {input: [min, opt,
+                          max]}}] (engine.text_profile: seq 1..prefill_chunk, batch 1..max_batch,
+                          opt = the decode step); builds before issue 12 have two, "prefill"
+                          and "decode", and still run (EngineEntry.profile_for)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .engine import DEFAULT_PLUGINS, build_engine, text_profiles
+from .engine import DEFAULT_PLUGINS, build_engine, text_profile
 from .library import library_name
 from .options import FP16_NOTE, EnginePlan
 
@@ -45,10 +49,10 @@ def build_text_engine(partial_dir: str | Path, plan: EnginePlan, io: Any,
                       progress: bool = False) -> dict[str, Any]:
     """Build `text.engine` beside the exported `text.onnx` in `partial_dir` (module docstring)."""
     root = Path(partial_dir)
-    profiles = text_profiles(io, plan.prefill_chunk, batch=(1, 1, plan.max_batch))
+    profile = text_profile(io, plan.prefill_chunk, max_batch=plan.max_batch)
     engine_file = Path(io.file).with_suffix(".engine").name
     plugins = DEFAULT_PLUGINS if plan.attention == "plugin" else ()
-    info = build_engine(root / io.file, root / engine_file, plan.target, profiles=profiles,
+    info = build_engine(root / io.file, root / engine_file, plan.target, profiles=[profile],
                         dtype=plan.dtype, compute_capabilities=plan.compute_capabilities,
                         timing_cache=plan.timing_cache, plugins=plugins, isolate=True)
     return {
