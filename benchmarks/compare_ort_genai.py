@@ -110,7 +110,7 @@ def _flatten_gemma3_rope(config):
     return config
 
 
-def run_genai_builder(hf_dir: Path, out: Path, cache_dir: Path, threads: int) -> None:
+def run_genai_builder(hf_dir: Path, out: Path, cache_dir: Path, precision: str = "fp32") -> None:
     from onnxruntime_genai.models import builder
 
     orig = builder.AutoConfig
@@ -121,13 +121,17 @@ def run_genai_builder(hf_dir: Path, out: Path, cache_dir: Path, threads: int) ->
             return _flatten_gemma3_rope(orig.from_pretrained(*a, **k))
 
     builder.AutoConfig = _AutoConfig
-    # same as: python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
+    # same as: python -m onnxruntime_genai.models.builder -i HF -o OUT -p PRECISION -e cpu -c CACHE
     #              --extra_options prune_lm_head=true hf_remote=false
-    extra = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir),
-                                        ["prune_lm_head=true", "hf_remote=false"])
-    print(f"[prepare] GenAI builder: {hf_dir} -> {out} (fp32, cpu, prune_lm_head=true)", flush=True)
-    builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir), **extra)
-    builder.AutoConfig = orig
+    # (int4: every other quantization option at the builder's default; module docstring)
+    extra = builder.parse_extra_options(None, str(hf_dir), str(out), precision, "cpu",
+                                        str(cache_dir), ["prune_lm_head=true", "hf_remote=false"])
+    print(f"[prepare] GenAI builder: {hf_dir} -> {out} ({precision}, cpu, prune_lm_head=true)",
+          flush=True)
+    try:
+        builder.create_model(None, str(hf_dir), str(out), precision, "cpu", str(cache_dir), **extra)
+    finally:
+        builder.AutoConfig = orig
 
 
 def prepare(args) -> None:
@@ -136,10 +140,12 @@ def prepare(args) -> None:
         write_hf_folder(hf)
     else:
         print(f"[prepare] {hf} exists; keeping it (--force rewrites)")
-    if not (gd / "genai_config.json").exists() or args.force:
-        run_genai_builder(hf, gd, Path(args.cache_dir or (gd.parent / "genai_cache")), args.threads)
-    else:
-        print(f"[prepare] {gd} exists; keeping it (--force rebuilds)")
+    for out, precision in ((gd, "fp32"), (Path(args.genai_int4_dir), "int4")):
+        if not (out / "genai_config.json").exists() or args.force:
+            run_genai_builder(hf, out, Path(args.cache_dir or (gd.parent / "genai_cache")),
+                              precision)
+        else:
+            print(f"[prepare] {out} exists; keeping it (--force rebuilds)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,6 +324,8 @@ def main(argv=None):
                     help="g3export ONNX build (fp32, cpu); default builds/270m. Repeat it to time "
                          "several builds side by side (e.g. before/after a graph change)")
     ap.add_argument("--genai-dir", default="/work/bench_art/genai270m", help="GenAI model folder")
+    ap.add_argument("--genai-int4-dir", default="/work/bench_art/genai270m-int4",
+                    help="GenAI's int4 build (--prepare writes it; '' skips it in a run)")
     ap.add_argument("--hf-dir", default="/work/bench_art/hf270m", help="HF folder written from the GGUF")
     ap.add_argument("--cache-dir", default=None, help="GenAI builder cache (default: beside --genai-dir)")
     ap.add_argument("--prepare", action="store_true", help="write --hf-dir and run GenAI's builder")
