@@ -193,10 +193,35 @@ def copy_bandwidth_gbps(n_bytes: int = 1 << 30, reps: int = 5, threads: int = 1)
     return 2 * n_bytes / best / 1e9
 
 
-def decode_bytes_per_token(hf_dir: Path | None, text_config=None) -> tuple[int, str]:
-    """fp32 bytes read per decode token: every weight matrix once (the tied embedding is read
-    whole by the LM head; the input embedding gathers one row, counted as part of it); the KV
-    cache read is small for the 270M at 576 tokens and counted too."""
+# initializers a decode step does not read whole: RoPE tables (one row per step), and the copy of
+# the zero points that only the embedding lookup's GatherBlockQuantized reads (one row)
+_NOT_READ_WHOLE = ("cos_cache", "sin_cache", "zero_points_gather")
+
+
+def graph_weight_bytes(onnx_file: Path) -> int:
+    """Bytes of every initializer of `onnx_file` that one decode step reads whole (all weights,
+    codes, scales and zero points: each is read once per token; the tied table once, by the LM
+    head), read from the graph without loading the data."""
+    import onnx
+    from onnx import helper
+
+    total = 0
+    for t in onnx.load(str(onnx_file), load_external_data=False).graph.initializer:
+        if any(k in t.name for k in _NOT_READ_WHOLE):
+            continue
+        n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        total += n * bits // 8 if bits else n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def decode_bytes_per_token(hf_dir: Path | None, text_config=None,
+                           weights_file: Path | None = None) -> tuple[int, str]:
+    """Bytes read per decode token: every weight once (the tied embedding is read whole by the
+    LM head; the input embedding gathers one row, counted as part of it), in fp32 from the
+    config's shapes, or with `weights_file` what that graph's initializers hold
+    (`graph_weight_bytes`: the quantized builds); plus the KV cache read (fp32, small for the
+    270M at 576 tokens)."""
     cfg = None
     if text_config is not None:  # the g3export build's own config
         import dataclasses
@@ -220,6 +245,9 @@ def decode_bytes_per_token(hf_dir: Path | None, text_config=None) -> tuple[int, 
         t = types[i % len(types)] if types else "full_attention"
         n = min(ctx, cfg.get("sliding_window", ctx)) if t == "sliding_attention" else ctx
         kv += 2 * n * nkv * hd
+    if weights_file is not None:
+        wb = graph_weight_bytes(weights_file)
+        return wb + 4 * kv, f"{wb / 1e6:.1f} MB of weights + KV of {ctx} positions {4 * kv / 1e6:.1f} MB"
     return 4 * (weights + kv), f"{weights / 1e6:.1f}M params + KV of {ctx} positions {4 * kv / 1e6:.1f} MB"
 
 
@@ -243,6 +271,10 @@ class Ours:
                                              spinning=spinning)
         self.load_s = time.perf_counter() - t
         self.vocab = self.session.config.text.vocab_size
+        man = json.loads((build_dir / "manifest.json").read_text())
+        q = man.get("quantization") or {}
+        self.dtype = q.get("scheme") or man.get("dtype", "fp32")
+        self.weights_file = build_dir / man["components"]["text"]["file"]
         self.settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                          "execution_mode": "sequential", "allow_spinning": _spin_text(spin),
                          "graph_optimization_level": "ORT_ENABLE_ALL", "kv_bytes": self.session.kv_bytes}
@@ -257,10 +289,12 @@ class Ours:
 class GenAI:
     name = "ort-genai"
 
-    def __init__(self, genai_dir: Path, threads: int, spin: str = "default"):
+    def __init__(self, genai_dir: Path, threads: int, spin: str = "default",
+                 dtype: str = "fp32"):
         import onnxruntime_genai as og
 
-        self.og = og
+        self.og, self.dtype = og, dtype
+        self.name = f"ort-genai[{dtype}]"
         t = time.perf_counter()
         config = og.Config(str(genai_dir))
         config.clear_providers()  # CPU
@@ -271,6 +305,7 @@ class GenAI:
         self.model = og.Model(config)
         self.load_s = time.perf_counter() - t
         gc = json.loads((genai_dir / "genai_config.json").read_text())
+        self.weights_file = genai_dir / gc["model"]["decoder"]["filename"]
         base = gc["model"]["decoder"].get("session_options", {})
         self.vocab = gc["model"]["vocab_size"]
         # GenAI's windowed GQA cache refuses a max_length below the window (512 for Gemma 3);
@@ -351,11 +386,15 @@ def main(argv=None):
         return 0
 
     build_dirs = [Path(d) for d in (args.build_dir or ["builds/270m"])]
-    genai_dir, hf_dir = Path(args.genai_dir), Path(args.hf_dir)
+    genai_dirs = [(Path(args.genai_dir), "fp32")]
+    if args.genai_int4_dir:
+        genai_dirs.append((Path(args.genai_int4_dir), "int4"))
+    hf_dir = Path(args.hf_dir)
     if args.skip_ours and args.skip_genai:
         ap.error("nothing to time")
-    if not args.skip_genai and not (genai_dir / "genai_config.json").exists():
-        ap.error(f"{genai_dir}: no genai_config.json; run with --prepare first")
+    for d, _ in genai_dirs if not args.skip_genai else []:
+        if not (d / "genai_config.json").exists():
+            ap.error(f"{d}: no genai_config.json; run with --prepare first")
     for build_dir in build_dirs if not args.skip_ours else []:
         if not (build_dir / "manifest.json").exists():
             ap.error(f"{build_dir}: not a g3export build; "
@@ -365,15 +404,17 @@ def main(argv=None):
     print(f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, load {mach['loadavg']}", flush=True)
     runners = []
     if not args.skip_ours:
-        for i, build_dir in enumerate(build_dirs):
-            runners.append(Ours(build_dir, args.threads, args.spin,
-                                "g3export" if i == 0 else f"g3export[{build_dir.name}]"))
+        for build_dir in build_dirs:
+            runners.append(Ours(build_dir, args.threads, args.spin, f"g3export[{build_dir.name}]"))
     if not args.skip_genai:
-        runners.append(GenAI(genai_dir, args.threads, args.spin))
+        for d, dtype in genai_dirs:
+            runners.append(GenAI(d, args.threads, args.spin, dtype))
+    if len({r.name for r in runners}) != len(runners):
+        ap.error("two runners share a name (two --build-dir with the same folder name?)")
     for r in runners:
-        print(f"loaded {r.name} in {r.load_s:.2f}s; settings {r.settings}", flush=True)
+        print(f"loaded {r.name} ({r.dtype}) in {r.load_s:.2f}s; settings {r.settings}", flush=True)
 
-    # the same ordinary-text prompt for both (as `g3export bench`: fixed seed, ids above the
+    # the same ordinary-text prompt for all (as `g3export bench`: fixed seed, ids above the
     # control tokens and below the unused/image ranges)
     hi = min([200_000] + [r.vocab for r in runners])
     ids = np.random.default_rng(0).integers(min(1000, hi // 2), hi, size=PROMPT_LEN).tolist()
@@ -389,7 +430,7 @@ def main(argv=None):
             out = r.run(ids)
             results[r.name].append(out)
             tokens[r.name] = out[3]
-            print(f"round {i + 1}/{args.rounds} {r.name:9s} ttft {out[0] * 1000:7.1f} ms  "
+            print(f"round {i + 1}/{args.rounds} {r.name:24s} ttft {out[0] * 1000:7.1f} ms  "
                   f"prefill {PROMPT_LEN / out[0]:6.1f} tok/s  decode {out[2] / out[1]:6.2f} tok/s",
                   flush=True)
 
@@ -397,59 +438,73 @@ def main(argv=None):
     bwn = copy_bandwidth_gbps(args.bandwidth_bytes, threads=args.threads) if args.threads > 1 else bw1
     bw = max(bw1, bwn)
     ours = [r for r in runners if isinstance(r, Ours)]
-    nbytes, what = decode_bytes_per_token(hf_dir if hf_dir.exists() else None,
-                                          ours[0].session.config.text if ours else None)
+    text_cfg = ours[0].session.config.text if ours else None
+    nbytes, what = decode_bytes_per_token(hf_dir if hf_dir.exists() else None, text_cfg)
     summary = {name: summarize(rs) for name, rs in results.items()}
+    # every runtime's decode against the bound of its own bytes per token
+    bound = {}
+    for r in runners:
+        b, counted = decode_bytes_per_token(hf_dir if hf_dir.exists() else None, text_cfg,
+                                            r.weights_file)
+        tok_s = bw * 1e9 / b
+        s_ = summary[r.name]
+        bound[r.name] = {"dtype": r.dtype, "bytes_per_decode_token": b, "counted": counted,
+                         "decode_tok_s_bound": round(tok_s, 1),
+                         "decode_fraction_of_bound_median": round(s_["decode_tok_s_median"] / tok_s, 3),
+                         "decode_fraction_of_bound_best": round(s_["decode_tok_s_max"] / tok_s, 3)}
     report = {
-        "benchmark": "gemma3 fp32 cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+        "benchmark": "gemma3 270m cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
         "threads": args.threads, "spin": args.spin, "machine": {**mach, "loadavg_end": machine()["loadavg"]},
         "settings": {r.name: r.settings for r in runners},
         "load_s": {r.name: round(r.load_s, 2) for r in runners},
         "results": summary,
-        "memory_bound": {"bytes_per_decode_token": nbytes, "counted": what,
+        "memory_bound": {"bytes_per_decode_token_fp32_params": nbytes, "counted": what,
                          "copy_bandwidth_GBps": round(bw, 1),
                          "copy_bandwidth_GBps_1_thread": round(bw1, 1),
                          f"copy_bandwidth_GBps_{args.threads}_threads": round(bwn, 1),
-                         "decode_tok_s_bound": round(bw * 1e9 / nbytes, 1)},
+                         "decode_tok_s_bound_fp32_params": round(bw * 1e9 / nbytes, 1),
+                         "per_runtime": bound},
+        "ratios_ours_over_genai": {},
     }
-    if "ort-genai" in summary:
-        g = summary["ort-genai"]
-        for r in ours:
-            o = summary[r.name]
-            suffix = "" if r.name == "g3export" else f"_{r.name}"
-            report["ratios_ours_over_genai" + suffix] = {
-                "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
-                "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
-                "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
-                "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
-            }
-            a, b = tokens[r.name], tokens["ort-genai"]
-            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            report["greedy_tokens_agree_first_n" + suffix] = same
+    # each g3export build against GenAI's build of the same dtype (fp32 with fp32, int4 with int4)
+    genai = {r.dtype: r.name for r in runners if isinstance(r, GenAI)}
+    for r in ours:
+        if r.dtype not in genai:
+            continue
+        o, g = summary[r.name], summary[genai[r.dtype]]
+        a, b = tokens[r.name], tokens[genai[r.dtype]]
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        report["ratios_ours_over_genai"][r.name] = {
+            "against": genai[r.dtype],
+            "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
+            "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
+            "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
+            "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
+            "greedy_tokens_agree_first_n": same,
+        }
 
     # table
     print()
     w = max(10, *(len(n) for n in summary))
     print(f"{'runtime':{w}s} {'TTFT ms med/min':>17s} {'prefill tok/s med/max':>23s} "
-          f"{'decode tok/s med/max':>22s} {'ms/token med':>13s}")
-    for name, s in summary.items():
-        print(f"{name:{w}s} {s['ttft_s_median'] * 1000:8.1f}/{s['ttft_s_min'] * 1000:<8.1f} "
-              f"{s['prefill_tok_s_median']:11.1f}/{s['prefill_tok_s_max']:<11.1f} "
-              f"{s['decode_tok_s_median']:10.2f}/{s['decode_tok_s_max']:<11.2f} "
-              f"{s['decode_ms_per_token_median']:13.2f}")
-    for key, rr in report.items():
-        if key.startswith("ratios_ours_over_genai"):
-            who = key[len("ratios_ours_over_genai"):].lstrip("_") or "g3export"
-            agree = report["greedy_tokens_agree_first_n" + key[len("ratios_ours_over_genai"):]]
-            print(f"{who}/GenAI: decode {rr['decode_tok_s_median']:.3f} (median), "
-                  f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
-                  f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
-                  f"first {agree}")
-    mb = report["memory_bound"]
-    print(f"memory bound: {nbytes / 1e9:.3f} GB read per decode token ({what}) at "
-          f"{mb['copy_bandwidth_GBps']} GB/s (best of numpy copy, read+write, 1 thread {bw1:.1f}, "
-          f"{args.threads} threads {bwn:.1f}) -> "
-          f"{mb['decode_tok_s_bound']} tok/s")
+          f"{'decode tok/s med/max':>22s} {'ms/token med':>13s} {'MB/token':>9s} "
+          f"{'bound tok/s':>11s} {'of bound med/best':>18s}")
+    for name, s_ in summary.items():
+        bd = bound[name]
+        print(f"{name:{w}s} {s_['ttft_s_median'] * 1000:8.1f}/{s_['ttft_s_min'] * 1000:<8.1f} "
+              f"{s_['prefill_tok_s_median']:11.1f}/{s_['prefill_tok_s_max']:<11.1f} "
+              f"{s_['decode_tok_s_median']:10.2f}/{s_['decode_tok_s_max']:<11.2f} "
+              f"{s_['decode_ms_per_token_median']:13.2f} {bd['bytes_per_decode_token'] / 1e6:9.1f} "
+              f"{bd['decode_tok_s_bound']:11.1f} {bd['decode_fraction_of_bound_median']:8.2f}/"
+              f"{bd['decode_fraction_of_bound_best']:<8.2f}")
+    for who, rr in report["ratios_ours_over_genai"].items():
+        print(f"{who}/{rr['against']}: decode {rr['decode_tok_s_median']:.3f} (median), "
+              f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
+              f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
+              f"first {rr['greedy_tokens_agree_first_n']}")
+    print(f"memory bound: copy bandwidth {bw:.1f} GB/s (best of numpy copy, read+write, "
+          f"1 thread {bw1:.1f}, {args.threads} threads {bwn:.1f}); bound = bandwidth / "
+          f"bytes read per decode token of each build (weights in the graph + KV)")
     print(f"load average at start {mach['loadavg']}, at end {report['machine']['loadavg_end']}")
     print(json.dumps(report, indent=1))
     if args.json:

@@ -160,7 +160,7 @@ def test_asymmetric_round_trip_within_half_a_step(bits, block):
     w[2, :block] = 0                                   # all zero: exact
     w[4, :block] = np.abs(w[4, :block]) + 1            # all positive: the grid starts at 0
     w[5, block:2 * block] = -np.abs(w[5, block:2 * block])  # all negative
-    u, s, z = Q.quantize_rows_asym(w, bits, block)
+    u, s, z = Q.quantize_rows_asym(w, bits, block, search=(1.0,))  # the plain min/max grid
     assert u.dtype == np.uint8 and z.dtype == np.uint8 and s.shape == z.shape == (12, 256 // block)
     assert u.max() <= 2 ** bits - 1 and z.max() <= 2 ** bits - 1
     got = Q.dequantize_rows(u, s, block, z)
@@ -174,10 +174,21 @@ def test_asymmetric_round_trip_within_half_a_step(bits, block):
     # every level is used where the block spans it: a step no coarser than symmetric's
     sym_step = np.abs(w.reshape(12, -1, block)).max(axis=2) / (2 ** (bits - 1) - 1)
     assert np.all(s <= sym_step * (1 + 1e-6))
+    # the searched grid (the default): never a larger block error than min/max, a smaller one
+    # overall at 4 bits, every scale one of the candidates'; and no element outside the grid
+    us, ss, zs = Q.quantize_rows_asym(w, bits, block)
+    gs = Q.dequantize_rows(us, ss, block, zs)
+    berr = lambda x: np.square(x - w).reshape(12, -1, block).sum(axis=2)  # noqa: E731
+    assert np.all(berr(gs) <= berr(got) * (1 + 1e-5) + 1e-12)
+    if bits == 4:  # at 8 bits clipping an outlier rarely pays: min/max is often the best
+        assert berr(gs).sum() < berr(got).sum()
+    ratio = np.where(s > 0, ss / np.where(s > 0, s, 1), 1)
+    assert np.all(np.min(np.abs(ratio[..., None] - np.array(Q.SEARCH)), axis=-1) < 1e-5)
+    assert np.all(np.abs(gs - w) <= np.repeat(ss, block, axis=1) * (2 ** bits))  # in range
     u2, s2, z2 = Q.quantize_rows_asym(w[3:9], bits, block)  # rows are independent
-    np.testing.assert_array_equal(u2, u[3:9])
-    np.testing.assert_array_equal(s2, s[3:9])
-    np.testing.assert_array_equal(z2, z[3:9])
+    np.testing.assert_array_equal(u2, us[3:9])
+    np.testing.assert_array_equal(s2, ss[3:9])
+    np.testing.assert_array_equal(z2, zs[3:9])
 
 
 def test_zero_point_layouts():
