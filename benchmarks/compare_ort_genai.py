@@ -1,10 +1,14 @@
-"""Side-by-side CPU speed of a g3export ONNX build and ONNX Runtime GenAI on the same weights.
+"""Side-by-side CPU speed of g3export ONNX builds and ONNX Runtime GenAI on the same weights.
 
-Issue 3's benchmark: the real Gemma 3 270M in fp32, a 512-token prompt, 64 new tokens, greedy,
-both runtimes timed in ONE process, interleaved (g3export, GenAI, g3export, GenAI, ...) so that a
-busy neighbour or thermal drift hits both alike. Reports median and min of each figure, the
-ratios ours/GenAI, the machine, and the memory-bound decode estimate (fp32 bytes read per decode
-token / copy bandwidth measured here with numpy).
+Issues 3 and 14's benchmark: the real Gemma 3 270M, g3export's builds (fp32, int8, int4: one
+--build-dir each) and GenAI's fp32 and int4 builds, a 512-token prompt, 64 new tokens, greedy,
+all timed in ONE process, interleaved (each round runs every runtime once, alternating the order)
+so that a busy neighbour or thermal drift hits all alike. Reports median and best of each
+figure, the ratios of each g3export build to GenAI's build of the same dtype (fp32 to fp32,
+int4 to int4), the machine, and every build's decode as a fraction of its memory bound: copy
+bandwidth measured here with numpy / the bytes that build reads per decode token (the
+initializers of its graph that a step reads whole, counted from the graph: fp32 weights, or
+int4/int8 codes + scales + zero points; plus the KV cache).
 
 Setup, once (offline). onnxruntime-genai 0.18.0 (PyPI) requires onnxruntime>=1.31 and numpy,
 both already in the venv, so it goes in beside them without touching torch or onnxruntime:
@@ -18,7 +22,14 @@ both already in the venv, so it goes in beside them without touching torch or on
 --prepare (1) writes a Hugging Face folder from the embedded GGUF with transformers (weights
 dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run the same dequantized fp32 values),
 (2) runs GenAI's model builder on it for fp32 CPU with `prune_lm_head=true`, so that prefill
-computes only the last position's logits, as g3export's graph does. The same as
+computes only the last position's logits, as g3export's graph does, into --genai-dir, and (3)
+the same for int4 into --genai-int4-dir (`-p int4 -e cpu`, prune_lm_head=true, every
+quantization option at the builder's default, read from onnxruntime_genai/models/builder.py
+0.18: RTN through onnxruntime's MatMulNBitsQuantizer, block 32, accuracy_level 4, symmetric,
+i.e. codes [-8, 7] with scale = the block's signed largest-magnitude value / -8, no zero points;
+and, the model tying its embeddings (shared_embeddings defaults to tie_word_embeddings), the
+lm_head int4 in MatMulNBits and the embedding lookup a GatherBlockQuantized on those same codes:
+what g3export's int4 quantizes too). The same as
 `python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
 --extra_options prune_lm_head=true hf_remote=false`, except for two shims this script applies:
 transformers 5.x refuses save_pretrained on a GGUF-loaded model (a leftover "gguf" quantizer
@@ -30,8 +41,13 @@ GenAI's greedy tokens equal transformers' on a 602-token prompt (past the 512 wi
 
 Measure:
 
-    python benchmarks/compare_ort_genai.py --build-dir builds/270m \
-        --genai-dir /work/bench_art/genai270m [--rounds 5] [--threads 2] [--json out.json]
+    python benchmarks/compare_ort_genai.py --build-dir builds/270m-fp32 \
+        --build-dir builds/270m-int8 --build-dir builds/270m-int4 \
+        --genai-dir /work/bench_art/genai270m --genai-int4-dir /work/bench_art/genai270m-int4 \
+        [--rounds 5] [--threads 2] [--json out.json]
+
+(--genai-int4-dir '' leaves GenAI int4 out. Runtimes are named g3export[<build folder name>],
+ort-genai[fp32], ort-genai[int4].) Quality of the same builds: benchmarks/genai_quality.py.
 
 Thread settings (the same for both): ORT intra-op threads = --threads (default: the CPUs this
 process may use), inter-op threads 1, sequential execution, ORT's default spinning. g3export: via

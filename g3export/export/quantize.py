@@ -3,7 +3,7 @@
 
 The scheme. A Linear weight W is [N, K] (out, in: PyTorch's nn.Linear layout); y = x @ W^T
 reduces over K. It is cut into blocks of `block` consecutive elements along K, each with one
-float scale, symmetric (no zero point):
+float scale; symmetric (no zero point; asymmetric below):
 
     scale[n, b] = max_k |W[n, b*block + k]| / qmax        qmax = 2^(bits-1) - 1  (7 or 127)
     q[n, k]     = round(W[n, k] / scale[n, k // block])    in [-qmax, qmax]
@@ -30,14 +30,17 @@ block the least squared error (a slightly finer grid that clips an outlier often
 better; f = 1 is the min/max grid, whose error is <= scale / 2 for every element, so the chosen
 grid's block error is never above that one's). All 16 levels are used and the grid follows a
 skewed block: the step is at most (hi - lo)/15 where the symmetric one is 2 amax/14.
-On the real 270M's weights (relative RMS error, int4 block 32, `benchmarks/quant_block.py`-style
-measurement of two layers and the embedding): symmetric 0.098-0.118, ONNX Runtime's symmetric
+On the real 270M's weights (relative RMS error, int4 block 32, `benchmarks/quant_grid_error.py`
+on two layers and the embedding): symmetric 0.098-0.118, ONNX Runtime's symmetric
 [-8, 7] grid (scale = signed amax / -8, what GenAI's builder writes) 0.085-0.118, min/max
 asymmetric 0.081-0.092, searched asymmetric 0.072-0.087.
-Measured on the real 270M (BENCHMARKS §10): int4 block 32, KL against fp32 <KL_ASYM> asymmetric
-against <KL_SYM> symmetric; int8 stays symmetric by default (its KL is already 0.003, and the
-symmetric int8 grid is the GGUF's own Q8_0 one). TensorRT's DequantizeLinear path is symmetric
-only (TensorRT's weight-only GEMMs take no zero point).
+Measured on the real 270M (BENCHMARKS §10, `g3export eval`, 600 tokens): int4 block 32, mean
+KL against fp32 0.307 asymmetric (searched; 0.335 with the plain min/max grid) against 0.554
+symmetric, perplexity 28.0 against 37.1 (fp32 20.5), same top-1 68 % against 54 %; ONNX
+Runtime GenAI's int4 build of the same weights: KL 0.508, perplexity 34.2. Hence asymmetric is
+int4's default for ONNX Runtime; int8 stays symmetric by default (its KL is already 0.003, and
+the symmetric int8 grid is the GGUF's own Q8_0 one). The TensorRT DequantizeLinear path is
+symmetric only (TensorRT's weight-only GEMMs take no zero point).
 
 Layouts (functions named after what reads them):
 
