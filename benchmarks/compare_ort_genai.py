@@ -46,7 +46,7 @@ Measure:
         --genai-dir /work/bench_art/genai270m --genai-int4-dir /work/bench_art/genai270m-int4 \
         [--rounds 5] [--threads 2] [--json out.json]
 
-(--genai-int4-dir '' leaves GenAI int4 out. Runtimes are named g3export[<build folder name>],
+(--genai-int4-dir '' leaves GenAI int4 out, --genai-dir '' GenAI fp32. Runtimes are named g3export[<build folder name>],
 ort-genai[fp32], ort-genai[int4].) Quality of the same builds: benchmarks/genai_quality.py.
 
 Thread settings (the same for both): ORT intra-op threads = --threads (default: the CPUs this
@@ -374,7 +374,8 @@ def main(argv=None):
     ap.add_argument("--build-dir", action="append", default=None,
                     help="g3export ONNX build (fp32, cpu); default builds/270m. Repeat it to time "
                          "several builds side by side (e.g. before/after a graph change)")
-    ap.add_argument("--genai-dir", default="/work/bench_art/genai270m", help="GenAI model folder")
+    ap.add_argument("--genai-dir", default="/work/bench_art/genai270m",
+                    help="GenAI's fp32 model folder ('' leaves it out of a run)")
     ap.add_argument("--genai-int4-dir", default="/work/bench_art/genai270m-int4",
                     help="GenAI's int4 build (--prepare writes it; '' skips it in a run)")
     ap.add_argument("--hf-dir", default="/work/bench_art/hf270m", help="HF folder written from the GGUF")
@@ -402,9 +403,8 @@ def main(argv=None):
         return 0
 
     build_dirs = [Path(d) for d in (args.build_dir or ["builds/270m"])]
-    genai_dirs = [(Path(args.genai_dir), "fp32")]
-    if args.genai_int4_dir:
-        genai_dirs.append((Path(args.genai_int4_dir), "int4"))
+    genai_dirs = [(Path(d), dtype) for d, dtype in ((args.genai_dir, "fp32"),
+                                                    (args.genai_int4_dir, "int4")) if d]
     hf_dir = Path(args.hf_dir)
     if args.skip_ours and args.skip_genai:
         ap.error("nothing to time")
