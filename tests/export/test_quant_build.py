@@ -135,6 +135,14 @@ def test_manifest_and_graph(builds):
     g = onnx.load(str(builds["int4-sym"] / "text.onnx"), load_external_data=False).graph
     assert all(len(n.input) == 3 for n in g.node
                if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    # and `inspect` says which
+    from click.testing import CliRunner
+
+    from g3export.cli import main
+
+    out = {k: CliRunner().invoke(main, ["inspect", str(builds[k])]).output for k in ("int4", "int4-sym")}
+    assert "quantization: int4 block=32  asymmetric (zero points)" in out["int4"]
+    assert "quantization: int4 block=32  symmetric  quantized" in out["int4-sym"]
     # no float copy of a quantized weight is left
     assert not [t.name for t in g.initializer if t.name.endswith("proj.weight.T")
                 or t.name.endswith("embed_tokens.weight.T")]
