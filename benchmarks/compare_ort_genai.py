@@ -17,10 +17,11 @@ both already in the venv, so it goes in beside them without touching torch or on
 
     python benchmarks/compare_ort_genai.py --prepare \
         --hf-dir /work/bench_art/hf270m --genai-dir /work/bench_art/genai270m
-    g3export build --size 270m --target onnx --out builds/270m
+    g3export build --size 270m --target onnx --out builds/270m-fp32   # and --quant int8|int4
 
---prepare (benchmarks/genai_prepare.py) (1) writes a Hugging Face folder from the embedded GGUF with transformers (weights
-dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run the same dequantized fp32 values),
+--prepare (benchmarks/genai_prepare.py) (1) writes a Hugging Face folder from the embedded
+GGUF with transformers (weights dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run
+the same dequantized fp32 values),
 (2) runs GenAI's model builder on it for fp32 CPU with `prune_lm_head=true`, so that prefill
 computes only the last position's logits, as g3export's graph does, into --genai-dir, and (3)
 the same for int4 into --genai-int4-dir (`-p int4 -e cpu`, prune_lm_head=true, every
