@@ -92,6 +92,7 @@ class StreamedQuant(ir.LazyTensor):
         self.recipe, self.part, self.bits, self.block = recipe, part, bits, block
         self.symmetric = symmetric
         self.side: dict | None = None  # shared by one weight's parts: its small parts' bytes
+        self.n_parts = 2                 # how many of _ort_parts' arrays the graph holds
 
     def _rows(self, block_bytes: int):
         import torch
@@ -115,7 +116,7 @@ class StreamedQuant(ir.LazyTensor):
         if self.part not in self.side:
             got: dict[int, list] = {}
             for parts in self._rows(block_bytes):
-                for i in range(1, len(parts)):
+                for i in range(1, self.n_parts):
                     got.setdefault(i, []).append(parts[i])
             self.side.update(got)
         out = self._bytes(np.concatenate(self.side.pop(self.part)))
@@ -226,7 +227,7 @@ def _nbits_pair(g: ir.Graph, v: ir.Value, bits: int, block: int, sym: bool = Tru
     if streams:
         side: dict = {}
         for v in out:
-            v.const_value.side = side
+            v.const_value.side, v.const_value.n_parts = side, len(out)
     return out
 
 
