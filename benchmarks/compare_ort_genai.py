@@ -1,10 +1,14 @@
-"""Side-by-side CPU speed of a g3export ONNX build and ONNX Runtime GenAI on the same weights.
+"""Side-by-side CPU speed of g3export ONNX builds and ONNX Runtime GenAI on the same weights.
 
-Issue 3's benchmark: the real Gemma 3 270M in fp32, a 512-token prompt, 64 new tokens, greedy,
-both runtimes timed in ONE process, interleaved (g3export, GenAI, g3export, GenAI, ...) so that a
-busy neighbour or thermal drift hits both alike. Reports median and min of each figure, the
-ratios ours/GenAI, the machine, and the memory-bound decode estimate (fp32 bytes read per decode
-token / copy bandwidth measured here with numpy).
+Issues 3 and 14's benchmark: the real Gemma 3 270M, g3export's builds (fp32, int8, int4: one
+--build-dir each) and GenAI's fp32 and int4 builds, a 512-token prompt, 64 new tokens, greedy,
+all timed in ONE process, interleaved (each round runs every runtime once, alternating the order)
+so that a busy neighbour or thermal drift hits all alike. Reports median and best of each
+figure, the ratios of each g3export build to GenAI's build of the same dtype (fp32 to fp32,
+int4 to int4), the machine, and every build's decode as a fraction of its memory bound: copy
+bandwidth measured here with numpy / the bytes that build reads per decode token (the
+initializers of its graph that a step reads whole, counted from the graph: fp32 weights, or
+int4/int8 codes + scales + zero points; plus the KV cache).
 
 Setup, once (offline). onnxruntime-genai 0.18.0 (PyPI) requires onnxruntime>=1.31 and numpy,
 both already in the venv, so it goes in beside them without touching torch or onnxruntime:
@@ -13,12 +17,20 @@ both already in the venv, so it goes in beside them without touching torch or on
 
     python benchmarks/compare_ort_genai.py --prepare \
         --hf-dir /work/bench_art/hf270m --genai-dir /work/bench_art/genai270m
-    g3export build --size 270m --target onnx --out builds/270m
+    g3export build --size 270m --target onnx --out builds/270m-fp32   # and --quant int8|int4
 
---prepare (1) writes a Hugging Face folder from the embedded GGUF with transformers (weights
-dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run the same dequantized fp32 values),
+--prepare (benchmarks/genai_prepare.py) (1) writes a Hugging Face folder from the embedded
+GGUF with transformers (weights dequantized to fp32; the GGUF is Q4_K_M, so both runtimes run
+the same dequantized fp32 values),
 (2) runs GenAI's model builder on it for fp32 CPU with `prune_lm_head=true`, so that prefill
-computes only the last position's logits, as g3export's graph does. The same as
+computes only the last position's logits, as g3export's graph does, into --genai-dir, and (3)
+the same for int4 into --genai-int4-dir (`-p int4 -e cpu`, prune_lm_head=true, every
+quantization option at the builder's default, read from onnxruntime_genai/models/builder.py
+0.18: RTN through onnxruntime's MatMulNBitsQuantizer, block 32, accuracy_level 4, symmetric,
+i.e. codes [-8, 7] with scale = the block's signed largest-magnitude value / -8, no zero points;
+and, the model tying its embeddings (shared_embeddings defaults to tie_word_embeddings), the
+lm_head int4 in MatMulNBits and the embedding lookup a GatherBlockQuantized on those same codes:
+what g3export's int4 quantizes too). The same as
 `python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
 --extra_options prune_lm_head=true hf_remote=false`, except for two shims this script applies:
 transformers 5.x refuses save_pretrained on a GGUF-loaded model (a leftover "gguf" quantizer
@@ -30,8 +42,13 @@ GenAI's greedy tokens equal transformers' on a 602-token prompt (past the 512 wi
 
 Measure:
 
-    python benchmarks/compare_ort_genai.py --build-dir builds/270m \
-        --genai-dir /work/bench_art/genai270m [--rounds 5] [--threads 2] [--json out.json]
+    python benchmarks/compare_ort_genai.py --build-dir builds/270m-fp32 \
+        --build-dir builds/270m-int8 --build-dir builds/270m-int4 \
+        --genai-dir /work/bench_art/genai270m --genai-int4-dir /work/bench_art/genai270m-int4 \
+        [--rounds 5] [--threads 2] [--json out.json]
+
+(--genai-int4-dir '' leaves GenAI int4 out, --genai-dir '' GenAI fp32. Runtimes are named g3export[<build folder name>],
+ort-genai[fp32], ort-genai[int4].) Quality of the same builds: benchmarks/genai_quality.py.
 
 Thread settings (the same for both): ORT intra-op threads = --threads (default: the CPUs this
 process may use), inter-op threads 1, sequential execution, ORT's default spinning. g3export: via
@@ -68,78 +85,6 @@ import numpy as np
 
 PROMPT_LEN = 512
 NEW_TOKENS = 64
-
-
-# ------------------------------------------------------------------------------------------------
-# --prepare: HF folder from the GGUF, then GenAI's model builder
-# ------------------------------------------------------------------------------------------------
-def write_hf_folder(out: Path) -> None:
-    import torch
-    import transformers
-
-    from g3export.modeling.embedded import embedded_gguf_path
-
-    gguf = Path(embedded_gguf_path())
-    print(f"[prepare] transformers {transformers.__version__}: {gguf} -> {out}", flush=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF's tensors are dequantized to plain fp32 on load, but transformers keeps a "gguf"
-    # quantizer marker that makes save_pretrained refuse ("not serializable"); drop it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = ["Gemma3ForCausalLM"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(str(out))
-
-
-def _flatten_gemma3_rope(config):
-    """transformers 5 writes Gemma 3's RoPE as rope_parameters = {"full_attention": {...},
-    "sliding_attention": {...}}; GenAI's Gemma3 builder reads the transformers 4 form
-    (rope_parameters["rope_type"], rope_theta, rope_local_base_freq). Give it that form."""
-    rp = getattr(config, "rope_parameters", None)
-    if isinstance(rp, dict) and "full_attention" in rp and "rope_type" not in rp:
-        full, local = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
-        if full.get("rope_type", "default") != "default" or local.get("rope_type", "default") != "default":
-            raise SystemExit(f"unsupported RoPE for the GenAI builder: {rp}")
-        config.rope_parameters = {"rope_type": "default", "rope_theta": full["rope_theta"]}
-        config.rope_theta = full["rope_theta"]
-        config.rope_local_base_freq = local["rope_theta"]
-    return config
-
-
-def run_genai_builder(hf_dir: Path, out: Path, cache_dir: Path, threads: int) -> None:
-    from onnxruntime_genai.models import builder
-
-    orig = builder.AutoConfig
-
-    class _AutoConfig:  # AutoConfig whose Gemma 3 config the builder can read
-        @staticmethod
-        def from_pretrained(*a, **k):
-            return _flatten_gemma3_rope(orig.from_pretrained(*a, **k))
-
-    builder.AutoConfig = _AutoConfig
-    # same as: python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu -c CACHE
-    #              --extra_options prune_lm_head=true hf_remote=false
-    extra = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir),
-                                        ["prune_lm_head=true", "hf_remote=false"])
-    print(f"[prepare] GenAI builder: {hf_dir} -> {out} (fp32, cpu, prune_lm_head=true)", flush=True)
-    builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache_dir), **extra)
-    builder.AutoConfig = orig
-
-
-def prepare(args) -> None:
-    hf, gd = Path(args.hf_dir), Path(args.genai_dir)
-    if not (hf / "config.json").exists() or args.force:
-        write_hf_folder(hf)
-    else:
-        print(f"[prepare] {hf} exists; keeping it (--force rewrites)")
-    if not (gd / "genai_config.json").exists() or args.force:
-        run_genai_builder(hf, gd, Path(args.cache_dir or (gd.parent / "genai_cache")), args.threads)
-    else:
-        print(f"[prepare] {gd} exists; keeping it (--force rebuilds)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,10 +132,35 @@ def copy_bandwidth_gbps(n_bytes: int = 1 << 30, reps: int = 5, threads: int = 1)
     return 2 * n_bytes / best / 1e9
 
 
-def decode_bytes_per_token(hf_dir: Path | None, text_config=None) -> tuple[int, str]:
-    """fp32 bytes read per decode token: every weight matrix once (the tied embedding is read
-    whole by the LM head; the input embedding gathers one row, counted as part of it); the KV
-    cache read is small for the 270M at 576 tokens and counted too."""
+# initializers a decode step does not read whole: RoPE tables (one row per step), and the copy of
+# the zero points that only the embedding lookup's GatherBlockQuantized reads (one row)
+_NOT_READ_WHOLE = ("cos_cache", "sin_cache", "zero_points_gather")
+
+
+def graph_weight_bytes(onnx_file: Path) -> int:
+    """Bytes of every initializer of `onnx_file` that one decode step reads whole (all weights,
+    codes, scales and zero points: each is read once per token; the tied table once, by the LM
+    head), read from the graph without loading the data."""
+    import onnx
+    from onnx import helper
+
+    total = 0
+    for t in onnx.load(str(onnx_file), load_external_data=False).graph.initializer:
+        if any(k in t.name for k in _NOT_READ_WHOLE):
+            continue
+        n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        total += n * bits // 8 if bits else n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def decode_bytes_per_token(hf_dir: Path | None, text_config=None,
+                           weights_file: Path | None = None) -> tuple[int, str]:
+    """Bytes read per decode token: every weight once (the tied embedding is read whole by the
+    LM head; the input embedding gathers one row, counted as part of it), in fp32 from the
+    config's shapes, or with `weights_file` what that graph's initializers hold
+    (`graph_weight_bytes`: the quantized builds); plus the KV cache read (fp32, small for the
+    270M at 576 tokens)."""
     cfg = None
     if text_config is not None:  # the g3export build's own config
         import dataclasses
@@ -214,6 +184,9 @@ def decode_bytes_per_token(hf_dir: Path | None, text_config=None) -> tuple[int, 
         t = types[i % len(types)] if types else "full_attention"
         n = min(ctx, cfg.get("sliding_window", ctx)) if t == "sliding_attention" else ctx
         kv += 2 * n * nkv * hd
+    if weights_file is not None:
+        wb = graph_weight_bytes(weights_file)
+        return wb + 4 * kv, f"{wb / 1e6:.1f} MB of weights + KV of {ctx} positions {4 * kv / 1e6:.1f} MB"
     return 4 * (weights + kv), f"{weights / 1e6:.1f}M params + KV of {ctx} positions {4 * kv / 1e6:.1f} MB"
 
 
@@ -237,6 +210,10 @@ class Ours:
                                              spinning=spinning)
         self.load_s = time.perf_counter() - t
         self.vocab = self.session.config.text.vocab_size
+        man = json.loads((build_dir / "manifest.json").read_text())
+        q = man.get("quantization") or {}
+        self.dtype = q.get("scheme") or man.get("dtype", "fp32")
+        self.weights_file = build_dir / man["components"]["text"]["file"]
         self.settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                          "execution_mode": "sequential", "allow_spinning": _spin_text(spin),
                          "graph_optimization_level": "ORT_ENABLE_ALL", "kv_bytes": self.session.kv_bytes}
@@ -251,10 +228,12 @@ class Ours:
 class GenAI:
     name = "ort-genai"
 
-    def __init__(self, genai_dir: Path, threads: int, spin: str = "default"):
+    def __init__(self, genai_dir: Path, threads: int, spin: str = "default",
+                 dtype: str = "fp32"):
         import onnxruntime_genai as og
 
-        self.og = og
+        self.og, self.dtype = og, dtype
+        self.name = f"ort-genai[{dtype}]"
         t = time.perf_counter()
         config = og.Config(str(genai_dir))
         config.clear_providers()  # CPU
@@ -265,6 +244,7 @@ class GenAI:
         self.model = og.Model(config)
         self.load_s = time.perf_counter() - t
         gc = json.loads((genai_dir / "genai_config.json").read_text())
+        self.weights_file = genai_dir / gc["model"]["decoder"]["filename"]
         base = gc["model"]["decoder"].get("session_options", {})
         self.vocab = gc["model"]["vocab_size"]
         # GenAI's windowed GQA cache refuses a max_length below the window (512 for Gemma 3);
@@ -317,7 +297,10 @@ def main(argv=None):
     ap.add_argument("--build-dir", action="append", default=None,
                     help="g3export ONNX build (fp32, cpu); default builds/270m. Repeat it to time "
                          "several builds side by side (e.g. before/after a graph change)")
-    ap.add_argument("--genai-dir", default="/work/bench_art/genai270m", help="GenAI model folder")
+    ap.add_argument("--genai-dir", default="/work/bench_art/genai270m",
+                    help="GenAI's fp32 model folder ('' leaves it out of a run)")
+    ap.add_argument("--genai-int4-dir", default="/work/bench_art/genai270m-int4",
+                    help="GenAI's int4 build (--prepare writes it; '' skips it in a run)")
     ap.add_argument("--hf-dir", default="/work/bench_art/hf270m", help="HF folder written from the GGUF")
     ap.add_argument("--cache-dir", default=None, help="GenAI builder cache (default: beside --genai-dir)")
     ap.add_argument("--prepare", action="store_true", help="write --hf-dir and run GenAI's builder")
@@ -339,15 +322,20 @@ def main(argv=None):
     PROMPT_LEN, NEW_TOKENS = args.prompt_len, args.new_tokens
 
     if args.prepare:
+        from genai_prepare import prepare  # beside this script
+
         prepare(args)
         return 0
 
     build_dirs = [Path(d) for d in (args.build_dir or ["builds/270m"])]
-    genai_dir, hf_dir = Path(args.genai_dir), Path(args.hf_dir)
+    genai_dirs = [(Path(d), dtype) for d, dtype in ((args.genai_dir, "fp32"),
+                                                    (args.genai_int4_dir, "int4")) if d]
+    hf_dir = Path(args.hf_dir)
     if args.skip_ours and args.skip_genai:
         ap.error("nothing to time")
-    if not args.skip_genai and not (genai_dir / "genai_config.json").exists():
-        ap.error(f"{genai_dir}: no genai_config.json; run with --prepare first")
+    for d, _ in genai_dirs if not args.skip_genai else []:
+        if not (d / "genai_config.json").exists():
+            ap.error(f"{d}: no genai_config.json; run with --prepare first")
     for build_dir in build_dirs if not args.skip_ours else []:
         if not (build_dir / "manifest.json").exists():
             ap.error(f"{build_dir}: not a g3export build; "
@@ -357,15 +345,17 @@ def main(argv=None):
     print(f"machine: {mach['nproc']} CPUs, {mach['cpu_model']}, load {mach['loadavg']}", flush=True)
     runners = []
     if not args.skip_ours:
-        for i, build_dir in enumerate(build_dirs):
-            runners.append(Ours(build_dir, args.threads, args.spin,
-                                "g3export" if i == 0 else f"g3export[{build_dir.name}]"))
+        for build_dir in build_dirs:
+            runners.append(Ours(build_dir, args.threads, args.spin, f"g3export[{build_dir.name}]"))
     if not args.skip_genai:
-        runners.append(GenAI(genai_dir, args.threads, args.spin))
+        for d, dtype in genai_dirs:
+            runners.append(GenAI(d, args.threads, args.spin, dtype))
+    if len({r.name for r in runners}) != len(runners):
+        ap.error("two runners share a name (two --build-dir with the same folder name?)")
     for r in runners:
-        print(f"loaded {r.name} in {r.load_s:.2f}s; settings {r.settings}", flush=True)
+        print(f"loaded {r.name} ({r.dtype}) in {r.load_s:.2f}s; settings {r.settings}", flush=True)
 
-    # the same ordinary-text prompt for both (as `g3export bench`: fixed seed, ids above the
+    # the same ordinary-text prompt for all (as `g3export bench`: fixed seed, ids above the
     # control tokens and below the unused/image ranges)
     hi = min([200_000] + [r.vocab for r in runners])
     ids = np.random.default_rng(0).integers(min(1000, hi // 2), hi, size=PROMPT_LEN).tolist()
@@ -381,7 +371,7 @@ def main(argv=None):
             out = r.run(ids)
             results[r.name].append(out)
             tokens[r.name] = out[3]
-            print(f"round {i + 1}/{args.rounds} {r.name:9s} ttft {out[0] * 1000:7.1f} ms  "
+            print(f"round {i + 1}/{args.rounds} {r.name:24s} ttft {out[0] * 1000:7.1f} ms  "
                   f"prefill {PROMPT_LEN / out[0]:6.1f} tok/s  decode {out[2] / out[1]:6.2f} tok/s",
                   flush=True)
 
@@ -389,59 +379,73 @@ def main(argv=None):
     bwn = copy_bandwidth_gbps(args.bandwidth_bytes, threads=args.threads) if args.threads > 1 else bw1
     bw = max(bw1, bwn)
     ours = [r for r in runners if isinstance(r, Ours)]
-    nbytes, what = decode_bytes_per_token(hf_dir if hf_dir.exists() else None,
-                                          ours[0].session.config.text if ours else None)
+    text_cfg = ours[0].session.config.text if ours else None
+    nbytes, what = decode_bytes_per_token(hf_dir if hf_dir.exists() else None, text_cfg)
     summary = {name: summarize(rs) for name, rs in results.items()}
+    # every runtime's decode against the bound of its own bytes per token
+    bound = {}
+    for r in runners:
+        b, counted = decode_bytes_per_token(hf_dir if hf_dir.exists() else None, text_cfg,
+                                            r.weights_file)
+        tok_s = bw * 1e9 / b
+        s_ = summary[r.name]
+        bound[r.name] = {"dtype": r.dtype, "bytes_per_decode_token": b, "counted": counted,
+                         "decode_tok_s_bound": round(tok_s, 1),
+                         "decode_fraction_of_bound_median": round(s_["decode_tok_s_median"] / tok_s, 3),
+                         "decode_fraction_of_bound_best": round(s_["decode_tok_s_max"] / tok_s, 3)}
     report = {
-        "benchmark": "gemma3 fp32 cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+        "benchmark": "gemma3 270m cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
         "threads": args.threads, "spin": args.spin, "machine": {**mach, "loadavg_end": machine()["loadavg"]},
         "settings": {r.name: r.settings for r in runners},
         "load_s": {r.name: round(r.load_s, 2) for r in runners},
         "results": summary,
-        "memory_bound": {"bytes_per_decode_token": nbytes, "counted": what,
+        "memory_bound": {"bytes_per_decode_token_fp32_params": nbytes, "counted": what,
                          "copy_bandwidth_GBps": round(bw, 1),
                          "copy_bandwidth_GBps_1_thread": round(bw1, 1),
                          f"copy_bandwidth_GBps_{args.threads}_threads": round(bwn, 1),
-                         "decode_tok_s_bound": round(bw * 1e9 / nbytes, 1)},
+                         "decode_tok_s_bound_fp32_params": round(bw * 1e9 / nbytes, 1),
+                         "per_runtime": bound},
+        "ratios_ours_over_genai": {},
     }
-    if "ort-genai" in summary:
-        g = summary["ort-genai"]
-        for r in ours:
-            o = summary[r.name]
-            suffix = "" if r.name == "g3export" else f"_{r.name}"
-            report["ratios_ours_over_genai" + suffix] = {
-                "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
-                "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
-                "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
-                "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
-            }
-            a, b = tokens[r.name], tokens["ort-genai"]
-            same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            report["greedy_tokens_agree_first_n" + suffix] = same
+    # each g3export build against GenAI's build of the same dtype (fp32 with fp32, int4 with int4)
+    genai = {r.dtype: r.name for r in runners if isinstance(r, GenAI)}
+    for r in ours:
+        if r.dtype not in genai:
+            continue
+        o, g = summary[r.name], summary[genai[r.dtype]]
+        a, b = tokens[r.name], tokens[genai[r.dtype]]
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        report["ratios_ours_over_genai"][r.name] = {
+            "against": genai[r.dtype],
+            "decode_tok_s_median": round(o["decode_tok_s_median"] / g["decode_tok_s_median"], 3),
+            "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
+            "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
+            "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
+            "greedy_tokens_agree_first_n": same,
+        }
 
     # table
     print()
     w = max(10, *(len(n) for n in summary))
     print(f"{'runtime':{w}s} {'TTFT ms med/min':>17s} {'prefill tok/s med/max':>23s} "
-          f"{'decode tok/s med/max':>22s} {'ms/token med':>13s}")
-    for name, s in summary.items():
-        print(f"{name:{w}s} {s['ttft_s_median'] * 1000:8.1f}/{s['ttft_s_min'] * 1000:<8.1f} "
-              f"{s['prefill_tok_s_median']:11.1f}/{s['prefill_tok_s_max']:<11.1f} "
-              f"{s['decode_tok_s_median']:10.2f}/{s['decode_tok_s_max']:<11.2f} "
-              f"{s['decode_ms_per_token_median']:13.2f}")
-    for key, rr in report.items():
-        if key.startswith("ratios_ours_over_genai"):
-            who = key[len("ratios_ours_over_genai"):].lstrip("_") or "g3export"
-            agree = report["greedy_tokens_agree_first_n" + key[len("ratios_ours_over_genai"):]]
-            print(f"{who}/GenAI: decode {rr['decode_tok_s_median']:.3f} (median), "
-                  f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
-                  f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
-                  f"first {agree}")
-    mb = report["memory_bound"]
-    print(f"memory bound: {nbytes / 1e9:.3f} GB read per decode token ({what}) at "
-          f"{mb['copy_bandwidth_GBps']} GB/s (best of numpy copy, read+write, 1 thread {bw1:.1f}, "
-          f"{args.threads} threads {bwn:.1f}) -> "
-          f"{mb['decode_tok_s_bound']} tok/s")
+          f"{'decode tok/s med/max':>22s} {'ms/token med':>13s} {'MB/token':>9s} "
+          f"{'bound tok/s':>11s} {'of bound med/best':>18s}")
+    for name, s_ in summary.items():
+        bd = bound[name]
+        print(f"{name:{w}s} {s_['ttft_s_median'] * 1000:8.1f}/{s_['ttft_s_min'] * 1000:<8.1f} "
+              f"{s_['prefill_tok_s_median']:11.1f}/{s_['prefill_tok_s_max']:<11.1f} "
+              f"{s_['decode_tok_s_median']:10.2f}/{s_['decode_tok_s_max']:<11.2f} "
+              f"{s_['decode_ms_per_token_median']:13.2f} {bd['bytes_per_decode_token'] / 1e6:9.1f} "
+              f"{bd['decode_tok_s_bound']:11.1f} {bd['decode_fraction_of_bound_median']:8.2f}/"
+              f"{bd['decode_fraction_of_bound_best']:<8.2f}")
+    for who, rr in report["ratios_ours_over_genai"].items():
+        print(f"{who}/{rr['against']}: decode {rr['decode_tok_s_median']:.3f} (median), "
+              f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
+              f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
+              f"first {rr['greedy_tokens_agree_first_n']}")
+    print(f"memory bound: copy bandwidth {bw:.1f} GB/s (best of numpy copy, read+write, "
+          f"1 thread {bw1:.1f}, {args.threads} threads {bwn:.1f}); bound = bandwidth / "
+          f"bytes read per decode token of each build (weights in the graph + KV)")
     print(f"load average at start {mach['loadavg']}, at end {report['machine']['loadavg_end']}")
     print(json.dumps(report, indent=1))
     if args.json:

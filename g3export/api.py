@@ -44,13 +44,15 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
           prefill_chunk: int | None = None, max_batch: int = 1,
           timing_cache: str | Path | None = None, quant: str | None = None,
           quant_block: int = 32, quant_embedding: bool = True,
-          calibration: str | Path | None = None, progress: bool = True) -> Path:
+          calibration: str | Path | None = None, quant_symmetric: bool | None = None,
+          progress: bool = True) -> Path:
     """Build a Gemma 3 model (a preset `size`, a HF directory or .gguf `checkpoint`, or both,
     which must match) into a build directory; returns its path. See the module docstring for the
     defaults; the TensorRT options (attention, compute_capabilities, prefill_chunk, max_batch,
     timing_cache) are those of g3export.export.trt.plan_engines; quant (int4 | int8 | fp8),
-    quant_block, quant_embedding and calibration those of g3export.export.quantize.QuantScheme
-    (the default `out` then ends in `-int4`/`-int8`)."""
+    quant_block, quant_embedding, calibration and quant_symmetric (None: the scheme's default,
+    QuantScheme.resolve) those of g3export.export.quantize.QuantScheme (the default `out` then
+    ends in `-int4`/`-int8`)."""
     if size is None and checkpoint is None:
         raise OptionError("give --size or --checkpoint (both: they must match)")
     if target not in TARGETS:
@@ -60,10 +62,13 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
         from .export.quantize import QuantScheme, check_scheme, read_calibration
 
         scheme = QuantScheme(quant, None if quant == "fp8" else int(quant_block), quant_embedding,
-                             read_calibration(calibration) if quant == "fp8" else None)
+                             read_calibration(calibration) if quant == "fp8" else None,
+                             quant_symmetric)
         check_scheme(scheme, target, {})
-    elif calibration or not quant_embedding:
-        raise OptionError("--calibration/--no-quant-embedding are options of --quant")
+        scheme.resolve(target)  # an asymmetric TensorRT request fails here, before any work
+    elif calibration or not quant_embedding or quant_symmetric is not None:
+        raise OptionError("--calibration/--no-quant-embedding/--quant-(a)symmetric are options "
+                          "of --quant")
     if target != "onnx":
         from .export.trt import require_tensorrt  # says what to install, before any work
         require_tensorrt(target)

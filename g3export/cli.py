@@ -86,10 +86,13 @@ for _command in (run, eval_, serve, triton_repo):  # commands that live in their
 @click.option("--calibration", type=click.Path(), default=None,
               help="fp8: a UTF-8 text to calibrate activation scales on (default: a short "
                    "public-domain text shipped with g3export).")
+@click.option("--quant-symmetric/--quant-asymmetric", "quant_symmetric", default=None,
+              help="int4/int8: symmetric codes, or unsigned codes with a zero point per block "
+                   "(onnx target only). Default: asymmetric for int4 on onnx, else symmetric.")
 @friendly
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
           components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache,
-          quant, quant_block, no_quant_embedding, calibration):
+          quant, quant_block, no_quant_embedding, calibration, quant_symmetric):
     """Export a Gemma 3 checkpoint to a build directory of compiled graphs."""
     from .api import OptionError, build as do_build
 
@@ -101,7 +104,7 @@ def build(size, checkpoint, target, dtype, max_context, weights, out, force, all
                         compute_capabilities=compute_capabilities, prefill_chunk=prefill_chunk,
                         max_batch=max_batch, timing_cache=timing_cache, quant=quant,
                         quant_block=int(quant_block), quant_embedding=not no_quant_embedding,
-                        calibration=calibration)
+                        calibration=calibration, quant_symmetric=quant_symmetric)
     except OptionError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"built {path}")
@@ -132,7 +135,8 @@ def inspect(build_dir, as_json):
     q = m.quantization
     if q:
         click.echo(f"quantization: {q['scheme']}" + (f" block={q['block']}" if q.get("block") else "")
-                   + f"  symmetric={q.get('symmetric')}  quantized: {'; '.join(q['quantized'])}"
+                   + ("  symmetric" if q.get("symmetric", True) else "  asymmetric (zero points)")
+                   + f"  quantized: {'; '.join(q['quantized'])}"
                    + f"  kept: {', '.join(q['kept'])}"
                    + (f"  calibration: {q['calibration']['name']}" if q.get("calibration") else ""))
     kv = b.kv_layout()

@@ -74,6 +74,7 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         from .quantize import check_scheme, quant_dims
 
         check_scheme(quant, target, quant_dims(cfg.text))
+        quant = quant.resolve(target)  # symmetric or not, decided per scheme and target
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines

@@ -25,7 +25,10 @@ Per target (`form`):
   `g3export eval` measures). The embedding lookup Gather(E^T, ids, axis=2) -> Transpose ->
   Squeeze becomes GatherBlockQuantized(B, ids, Unsqueeze(scales)) on the lm_head's own B viewed
   as [vocab, K/block, block*bits/8] with quantize_axis 2, then a Reshape to [.., hidden]: one
-  quantized copy of the 262144-row table on disk, used twice.
+  quantized copy of the 262144-row table on disk, used twice. Asymmetric (scheme.symmetric
+  False, int4's default): MatMulNBits' fourth input holds the zero points (packed two per byte),
+  GatherBlockQuantized's fourth its own copy of them one per byte (what the op reads with
+  quantize_axis 2: 5 MB for the 270M's table, beside the 84 MB of codes they share).
 * "dq" (TensorRT, TensorRT-RTX): MatMul(x, DequantizeLinear(q [K, N], scales [K/block, N],
   axis 0, block_size)) with q stored as ONNX INT4/INT8 (opset 21 blocked DQ), which TensorRT
   compiles to a weight-only quantized GEMM. The tied embedding [1, hidden, vocab] is one
@@ -51,50 +54,82 @@ def _is_linear(name: str) -> bool:
 
 
 class _Pair:
-    """Run `fn` once and hand out its two results to two lazy tensors, in either order."""
+    """Run `fn` once and hand out its `n` results to n lazy tensors, in any order."""
 
-    def __init__(self, fn: Callable[[], tuple[np.ndarray, np.ndarray]]):
-        self.fn, self.got, self.taken = fn, None, 0
+    def __init__(self, fn: Callable[[], tuple[np.ndarray, ...]], n: int = 2):
+        self.fn, self.got, self.taken, self.n = fn, None, 0, n
 
     def get(self, i: int) -> np.ndarray:
         if self.got is None:
             self.got = self.fn()
         out = self.got[i]
         self.taken += 1
-        if self.taken == 2:
-            self.got = None  # both written: let the arrays go
+        if self.taken == self.n:
+            self.got = None  # all written: let the arrays go
         return out
 
 
-class StreamedQuant(ir.LazyTensor):
-    """The MatMulNBits codes (part 0) or scales (part 1) of a weight whose source streams
-    (a transposed stream Recipe: output rows = the parts' source rows, in order)."""
+def _ort_parts(w: np.ndarray, bits: int, block: int, symmetric: bool) -> list[np.ndarray]:
+    """ONNX Runtime's arrays for the [N, K] weight w: [B, scales] (symmetric) or [B, scales,
+    MatMulNBits' zero points, GatherBlockQuantized's zero points] (g3export.export.quantize).
+    Every one is row-wise: a block of w's rows gives that block of each array's bytes."""
+    if symmetric:
+        return list(Q.matmul_nbits(w, bits, block))
+    u, scales, zero = Q.quantize_rows_asym(w, bits, block)
+    n, k = w.shape
+    return [Q.pack_codes(u, bits).reshape(n, k // block, block * bits // 8), scales,
+            Q.zero_points_nbits(zero, bits), Q.zero_points_gather(zero)]
 
-    def __init__(self, recipe, part: int, bits: int, block: int, dtype: ir.DataType,
-                 shape, name: str, whole: Callable[[], np.ndarray]):
+
+class StreamedQuant(ir.LazyTensor):
+    """Part `part` of `_ort_parts` (0 codes, 1 scales, 2 and 3 zero points) of a weight whose
+    source streams (a transposed stream Recipe: output rows = the parts' source rows, in order)."""
+
+    def __init__(self, recipe, part: int, bits: int, block: int, symmetric: bool,
+                 dtype: ir.DataType, shape, name: str, whole: Callable[[], np.ndarray]):
         super().__init__(lambda: ir.Tensor(whole().astype(dtype.numpy()), dtype=dtype, name=name),
                          dtype=dtype, shape=ir.Shape(shape), name=name)
         self.recipe, self.part, self.bits, self.block = recipe, part, bits, block
+        self.symmetric = symmetric
+        self.side: dict | None = None  # shared by one weight's parts: its small parts' bytes
+        self.n_parts = 2                 # how many of _ort_parts' arrays the graph holds
 
-    def write_blocks(self, write: Callable[[np.ndarray], None], block_bytes: int, bar) -> None:
-        """Quantize and write row block by row block, in the tensor's byte order."""
+    def _rows(self, block_bytes: int):
         import torch
 
         for p in self.recipe.parts:
             for _, rows in p.source.blocks(p.name, block_bytes):
-                w = rows.to(self.recipe.dtype).to(torch.float32).numpy()
-                if self.part == 0:
-                    out = Q.pack_unsigned(Q.quantize_rows(w, self.bits, self.block)[0], self.bits)
-                else:
-                    out = Q.quantize_rows(w, self.bits, self.block)[1].astype(
-                        self.dtype.numpy())
-                out = np.ascontiguousarray(out).reshape(-1).view(np.uint8)
+                yield _ort_parts(rows.to(self.recipe.dtype).to(torch.float32).numpy(),
+                                 self.bits, self.block, self.symmetric)
+
+    def write_blocks(self, write: Callable[[np.ndarray], None], block_bytes: int, bar) -> None:
+        """Quantize and write row block by row block, in the tensor's byte order. The codes
+        take one pass over the source; the small parts (scales, zero points: 1/8 of the codes'
+        bytes or less) one pass together, the first of them to be written keeping the others'
+        bytes in `side` for them."""
+        if self.part == 0 or self.side is None:
+            for parts in self._rows(block_bytes):
+                out = self._bytes(parts[self.part])
                 write(out)
                 bar.update(out.nbytes)
+            return
+        if self.part not in self.side:
+            got: dict[int, list] = {}
+            for parts in self._rows(block_bytes):
+                for i in range(1, self.n_parts):
+                    got.setdefault(i, []).append(parts[i])
+            self.side.update(got)
+        out = self._bytes(np.concatenate(self.side.pop(self.part)))
+        write(out)
+        bar.update(out.nbytes)
+
+    def _bytes(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a.astype(self.dtype.numpy(), copy=False))
+        return a.reshape(-1).view(np.uint8)
 
 
 def _lazy(g: ir.Graph, name: str, shape, dtype: ir.DataType, fn, stream=None) -> ir.Value:
-    """A lazy initializer computed by `fn`; stream = (recipe, part, bits, block): a
+    """A lazy initializer computed by `fn`; stream = (recipe, part, bits, block, symmetric): a
     StreamedQuant that the writer streams row block by row block."""
     if stream is not None:
         t = StreamedQuant(*stream, dtype, shape, name, fn)
@@ -131,6 +166,9 @@ def quantize_graph(m: ir.Model, scheme: Q.QuantScheme, form: str) -> dict[str, i
         raise ValueError(f"quantize_graph does weight-only schemes, not {scheme.scheme!r}")
     g = m.graph
     bits, block = scheme.bits, scheme.block
+    sym = scheme.symmetric is not False
+    if form == "dq" and not sym:
+        raise ValueError("the DequantizeLinear form is symmetric only (QuantScheme.resolve)")
     n_linear = n_embed = 0
     for v in list(g.initializers.values()):
         if v.const_value is None or v.shape is None:
@@ -139,11 +177,17 @@ def quantize_graph(m: ir.Model, scheme: Q.QuantScheme, form: str) -> dict[str, i
             uses = list(v.uses())
             if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
                 raise RuntimeError(f"{v.name}: expected one MatMul reading it as B, got {uses}")
-            (_ort_linear if form == "ort" else _dq_linear)(g, v, uses[0][0], bits, block)
+            if form == "ort":
+                _ort_linear(g, v, uses[0][0], bits, block, sym)
+            else:
+                _dq_linear(g, v, uses[0][0], bits, block)
             n_linear += 1
         elif len(v.shape) == 3 and v.shape[0] == 1 and v.name.endswith("embed_tokens.weight.T") \
                 and scheme.embedding:
-            (_ort_embedding if form == "ort" else _dq_embedding)(g, v, bits, block)
+            if form == "ort":
+                _ort_embedding(g, v, bits, block, sym)
+            else:
+                _dq_embedding(g, v, bits, block)
             n_embed += 1
         elif len(v.shape) == 2 and v.name.endswith("embed_tokens.weight") and scheme.embedding \
                 and form == "dq":
@@ -158,27 +202,39 @@ def quantize_graph(m: ir.Model, scheme: Q.QuantScheme, form: str) -> dict[str, i
     return {"linear": n_linear, "embedding": n_embed}
 
 
-def _nbits_pair(g: ir.Graph, v: ir.Value, bits: int, block: int) -> tuple[ir.Value, ir.Value]:
-    """Lazy (B, scales) initializers of MatMulNBits for the W^T initializer `v`."""
+def _nbits_pair(g: ir.Graph, v: ir.Value, bits: int, block: int, sym: bool = True,
+                gather: bool = False) -> list[ir.Value]:
+    """Lazy initializers of MatMulNBits for the W^T initializer `v`: [B, scales], and with
+    sym=False its zero points, and with gather=True also GatherBlockQuantized's zero points."""
     k, n = (v.shape[1], v.shape[2]) if len(v.shape) == 3 else (v.shape[0], v.shape[1])
     if k % block:
         raise Q.QuantError(f"{v.name}: K={k} is not a multiple of the block {block}")
-    dt = _float_dtype(v)
+    nb = k // block
+    specs = [("q%d" % bits, [n, nb, block * bits // 8], ir.DataType.UINT8),
+             ("scales", [n, nb], _float_dtype(v))]
+    if not sym:
+        specs.append(("zero_points", [n * -(-nb * bits // 8)], ir.DataType.UINT8))
+        if gather:
+            specs.append(("zero_points_gather", [n, nb, 1], ir.DataType.UINT8))
     src = _source_nk(v)
-    pair = _Pair(lambda: Q.matmul_nbits(src(), bits, block))
+    pair = _Pair(lambda: _ort_parts(src(), bits, block, sym), len(specs))
     base = v.name.removesuffix(".T") if "+" not in v.name else v.name
     recipe = getattr(v.const_value, "recipe", None)
     streams = recipe is not None and recipe.transposed
-    b = _lazy(g, f"{base}.q{bits}", [n, k // block, block * bits // 8], ir.DataType.UINT8,
-              lambda: pair.get(0), (recipe, 0, bits, block) if streams else None)
-    s = _lazy(g, f"{base}.scales", [n, k // block], dt, lambda: pair.get(1),
-              (recipe, 1, bits, block) if streams else None)
-    return b, s
+    out = [_lazy(g, f"{base}.{suffix}", shape, dt, (lambda i=i: pair.get(i)),
+                 (recipe, i, bits, block, sym) if streams else None)
+           for i, (suffix, shape, dt) in enumerate(specs)]
+    if streams:
+        side: dict = {}
+        for v in out:
+            v.const_value.side, v.const_value.n_parts = side, len(out)
+    return out
 
 
-def _matmul_nbits(x: ir.Value, b: ir.Value, s: ir.Value, k: int, n: int, bits: int,
+def _matmul_nbits(x: ir.Value, q: list[ir.Value], k: int, n: int, bits: int,
                   block: int) -> ir.Node:
-    return ir.node("MatMulNBits", [x, b, s], domain="com.microsoft",
+    """MatMulNBits(x, B, scales[, zero_points]) from q = _nbits_pair(...)[:2 or 3]."""
+    return ir.node("MatMulNBits", [x, *q], domain="com.microsoft",
                    attributes={"K": k, "N": n, "bits": bits, "block_size": block,
                                "accuracy_level": ACCURACY_LEVEL})
 
@@ -191,25 +247,27 @@ def _replace_matmul(g: ir.Graph, mm: ir.Node, new: list[ir.Node]) -> None:
     g.remove(mm, safe=True)
 
 
-def _ort_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int) -> None:
+def _ort_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int,
+                sym: bool = True) -> None:
     k, n = v.shape
-    b, s = _nbits_pair(g, v, bits, block)
-    _replace_matmul(g, mm, [_matmul_nbits(mm.inputs[0], b, s, k, n, bits, block)])
+    q = _nbits_pair(g, v, bits, block, sym)
+    _replace_matmul(g, mm, [_matmul_nbits(mm.inputs[0], q, k, n, bits, block)])
     g.initializers.pop(v.name)
 
 
-def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> None:
+def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int, sym: bool = True) -> None:
     from .onnx_passes import _int64_initializer, _take_over
 
     _, hidden, vocab = v.shape
-    b, s = _nbits_pair(g, v, bits, block)
+    q = _nbits_pair(g, v, bits, block, sym, gather=True)
+    b, s = q[:2]
     axis2 = _int64_initializer(g, f"{v.name}_scales_axis", [2])
     flat = _int64_initializer(g, f"{v.name}_lookup_shape", [0, 0, hidden])
     n_lookup = n_head = 0
     for node, idx in list(v.uses()):
         if node.op_type == "MatMul" and idx == 1:
-            _replace_matmul(g, node, [_matmul_nbits(node.inputs[0], b, s, hidden, vocab, bits,
-                                                    block)])
+            _replace_matmul(g, node, [_matmul_nbits(node.inputs[0], q[:3], hidden, vocab,
+                                                    bits, block)])
             n_head += 1
             continue
         axis = node.attributes.get("axis")
@@ -219,7 +277,7 @@ def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> None:
                 or tr.op_type != "Transpose" or sq.op_type != "Squeeze":
             raise RuntimeError(f"unexpected use of the tied embedding: {node.op_type}")
         us = ir.node("Unsqueeze", [s, axis2])
-        gq = ir.node("GatherBlockQuantized", [b, node.inputs[1], us.outputs[0]],
+        gq = ir.node("GatherBlockQuantized", [b, node.inputs[1], us.outputs[0], *q[3:]],
                      domain="com.microsoft", attributes={"gather_axis": 0, "quantize_axis": 2,
                                                          "bits": bits, "block_size": block})
         rs = ir.node("Reshape", [gq.outputs[0], flat])

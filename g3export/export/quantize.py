@@ -3,7 +3,7 @@
 
 The scheme. A Linear weight W is [N, K] (out, in: PyTorch's nn.Linear layout); y = x @ W^T
 reduces over K. It is cut into blocks of `block` consecutive elements along K, each with one
-float scale, symmetric (no zero point):
+float scale; symmetric (no zero point; asymmetric below):
 
     scale[n, b] = max_k |W[n, b*block + k]| / qmax        qmax = 2^(bits-1) - 1  (7 or 127)
     q[n, k]     = round(W[n, k] / scale[n, k // block])    in [-qmax, qmax]
@@ -16,6 +16,32 @@ signed for ONNX DequantizeLinear), and a block row never depends on another row,
 be quantized row block by row block as it streams (`quantize_rows` on any slice of rows).
 Blocks all-zero get scale 0 (and codes 0): exact.
 
+Asymmetric (`symmetric=False`, int4's default for ONNX Runtime; see below): unsigned codes
+0..2^bits-1 with one integer zero point z per block, the grid covering the block's [min, max]
+(widened to hold 0, which every such grid does):
+
+    lo, hi      = min(0, min_k W), max(0, max_k W)   over the block
+    scale[n, b] = f * (hi - lo) / (2^bits - 1)       zero[n, b] = round(-lo / scale)
+    u[n, k]     = clip(round(W / scale) + zero, 0, 2^bits - 1)
+    W~[n, k]    = (u[n, k] - zero) * scale
+
+f is chosen per block among `SEARCH` (1.0, 0.985, ..., 0.865) as the one whose grid gives the
+block the least squared error (a slightly finer grid that clips an outlier often fits the rest
+better; f = 1 is the min/max grid, whose error is <= scale / 2 for every element, so the chosen
+grid's block error is never above that one's). All 16 levels are used and the grid follows a
+skewed block: the step is at most (hi - lo)/15 where the symmetric one is 2 amax/14.
+On the real 270M's weights (relative RMS error, int4 block 32, `benchmarks/quant_grid_error.py`
+on two layers and the embedding): symmetric 0.098-0.118, ONNX Runtime's symmetric
+[-8, 7] grid (scale = signed amax / -8, what GenAI's builder writes) 0.085-0.118, min/max
+asymmetric 0.081-0.092, searched asymmetric 0.072-0.087.
+Measured on the real 270M (BENCHMARKS §10, `g3export eval`, 600 tokens): int4 block 32, mean
+KL against fp32 0.307 asymmetric (searched; 0.335 with the plain min/max grid) against 0.554
+symmetric, perplexity 28.0 against 37.1 (fp32 20.5), same top-1 68 % against 54 %; ONNX
+Runtime GenAI's int4 build of the same weights: KL 0.508, perplexity 34.2. Hence asymmetric is
+int4's default for ONNX Runtime; int8 stays symmetric by default (its KL is already 0.003, and
+the symmetric int8 grid is the GGUF's own Q8_0 one). The TensorRT DequantizeLinear path is
+symmetric only (TensorRT's weight-only GEMMs take no zero point).
+
 Layouts (functions named after what reads them):
 
 * `matmul_nbits(w)`: ONNX Runtime's `com.microsoft.MatMulNBits` (contrib spec): B uint8
@@ -25,6 +51,11 @@ Layouts (functions named after what reads them):
 * `gather_block_quantized(w)`: `com.microsoft.GatherBlockQuantized` with gather_axis 0 and
   quantize_axis 1 (the only layout its CPU kernel takes for uint8 data): data [rows, K*bits/8],
   the same bytes as matmul_nbits' B, so a tied embedding can share one quantized copy.
+* zero points (asymmetric): MatMulNBits takes them as uint8 [N * ceil(n_blocks * bits / 8)]
+  (row n's zero points packed like its codes, two per byte for 4 bits, each row padded to a
+  whole byte); GatherBlockQuantized with quantize_axis 2 (g3export.export.onnx_quant's view of
+  the shared table) takes them one per byte, [rows, n_blocks, 1]: `zero_points_nbits` and
+  `zero_points_gather` write the two.
 * `dequantize_linear(w)`: standard ONNX DequantizeLinear (opset 21, blocked), for TensorRT: the
   signed codes transposed to [K, N] (int8 numpy; stored as ONNX INT4/INT8), scales [K/block, N],
   axis 0, block_size = block: DequantizeLinear(q, scales) is W^T, the MatMul's B.
@@ -42,6 +73,7 @@ BLOCKS = (32, 64, 128)
 WEIGHT_ONLY = {"int4": 4, "int8": 8}
 SCHEMES = (*WEIGHT_ONLY, "fp8")
 DEFAULT_BLOCK = 32
+DEFAULT_ASYMMETRIC = ("int4",)  # schemes quantized with zero points unless told otherwise
 
 
 class QuantError(UserError, ValueError):
@@ -60,6 +92,24 @@ class QuantScheme:
     block: int | None = DEFAULT_BLOCK
     embedding: bool = True
     calibration: dict | None = None
+    symmetric: bool | None = None  # None: the default of the scheme and target (`resolve`)
+
+    def resolve(self, target: str) -> "QuantScheme":
+        """The scheme with `symmetric` decided: int4 for ONNX Runtime asymmetric (measured, module
+        docstring), int8 and every TensorRT form symmetric. An explicit asymmetric request for a
+        TensorRT target is a QuantError (its DequantizeLinear path takes no zero point)."""
+        from dataclasses import replace
+
+        if self.scheme not in WEIGHT_ONLY:
+            return replace(self, symmetric=True)
+        if target != "onnx":
+            if self.symmetric is False:
+                raise QuantError("--quant-asymmetric is for --target onnx (ONNX Runtime's "
+                                 "MatMulNBits); the TensorRT targets quantize symmetrically")
+            return replace(self, symmetric=True)
+        if self.symmetric is None:
+            return replace(self, symmetric=self.scheme not in DEFAULT_ASYMMETRIC)
+        return self
 
     @property
     def bits(self) -> int:
@@ -68,7 +118,8 @@ class QuantScheme:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bits"] = self.bits
-        d["symmetric"] = True
+        d["symmetric"] = True if self.symmetric is None else self.symmetric
+        d["zero_points"] = not d["symmetric"]
         d["quantized"] = ["decoder linear layers (q/k/v/o, gate/up/down)"] + (
             ["tied embedding and lm_head"] if self.embedding else [])
         d["kept"] = ["norms", "RoPE", "vision tower"] + ([] if self.embedding else
@@ -152,19 +203,82 @@ def quantize_rows(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.
     return q.reshape(n, k), scales.astype(np.float32)
 
 
-def dequantize_rows(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
-    """The inverse map: [N, K] codes and [N, K/block] scales -> float32 [N, K]."""
+# the scale candidates of the asymmetric search: (hi - lo) / (2^bits - 1) times each
+SEARCH = tuple(1 - 0.015 * i for i in range(10))
+
+
+def _asym_grid(wb: np.ndarray, lo: np.ndarray, scales: np.ndarray, top: int):
+    safe = np.where(scales > 0, scales, np.float32(1))
+    zero = np.clip(np.rint(-lo / safe), 0, top)
+    u = np.clip(np.rint(wb / safe[:, :, None]) + zero[:, :, None], 0, top)
+    err = np.square((u - zero[:, :, None]) * scales[:, :, None] - wb).sum(axis=2)
+    return u, zero, err
+
+
+def quantize_rows_asym(w: np.ndarray, bits: int, block: int, search=SEARCH
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N, K] float -> (unsigned codes uint8 [N, K] in [0, 2^bits - 1], scales float32
+    [N, K/block], zero points uint8 [N, K/block]) (module docstring). Each block's scale is the
+    candidate of `search` (factors of the min/max scale; (1.0,) = plain min/max) whose grid
+    gives the block the least squared error. Rows are independent."""
+    _check(w, bits, block)
+    top = (1 << bits) - 1
+    n, k = w.shape
+    wb = np.asarray(w, dtype=np.float32).reshape(n, k // block, block)
+    lo = np.minimum(wb.min(axis=2), 0)
+    span = (np.maximum(wb.max(axis=2), 0) - lo) / np.float32(top)
+    best = None
+    for f in search:
+        scales = (span * np.float32(f)).astype(np.float32)
+        u, zero, err = _asym_grid(wb, lo, scales, top)
+        if best is None:
+            best = [u, zero, err, scales]
+            continue
+        better = err < best[2]
+        best[0] = np.where(better[:, :, None], u, best[0])
+        best[1] = np.where(better, zero, best[1])
+        best[2] = np.where(better, err, best[2])
+        best[3] = np.where(better, scales, best[3])
+    u, zero, _, scales = best
+    return u.astype(np.uint8).reshape(n, k), scales.astype(np.float32), zero.astype(np.uint8)
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray, block: int,
+                    zero_points: np.ndarray | None = None) -> np.ndarray:
+    """The inverse map: [N, K] codes and [N, K/block] scales (and zero points: unsigned codes)
+    -> float32 [N, K]."""
     n, k = q.shape
-    return (q.reshape(n, k // block, block).astype(np.float32) * scales[:, :, None]).reshape(n, k)
+    qb = q.reshape(n, k // block, block).astype(np.float32)
+    if zero_points is not None:
+        qb = qb - zero_points[:, :, None].astype(np.float32)
+    return (qb * scales[:, :, None]).reshape(n, k)
 
 
 def pack_unsigned(q: np.ndarray, bits: int) -> np.ndarray:
-    """Signed codes [N, K] -> ORT's unsigned bytes [N, K*bits/8]: code + 2^(bits-1); for 4 bits,
-    element 2i in the low nibble of byte i and 2i+1 in the high nibble."""
-    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    """Signed codes [N, K] -> ORT's unsigned bytes [N, K*bits/8]: code + 2^(bits-1), packed by
+    `pack_codes`."""
+    return pack_codes((q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8), bits)
+
+
+def pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [N, K] -> bytes [N, ceil(K*bits/8)]; for 4 bits element 2i in the low
+    nibble of byte i and 2i+1 in the high nibble (an odd K pads the last high nibble with 0)."""
+    u = np.asarray(u, dtype=np.uint8)
     if bits == 8:
         return u
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
     return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+
+
+def zero_points_nbits(zero: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points [N, K/block] -> MatMulNBits' uint8 [N * ceil(K/block * bits/8)]."""
+    return pack_codes(zero, bits).reshape(-1)
+
+
+def zero_points_gather(zero: np.ndarray) -> np.ndarray:
+    """Zero points [rows, K/block] -> GatherBlockQuantized's (quantize_axis 2) [rows, K/block, 1]."""
+    return np.ascontiguousarray(zero, dtype=np.uint8)[:, :, None]
 
 
 def unpack_unsigned(b: np.ndarray, bits: int) -> np.ndarray:
@@ -176,19 +290,29 @@ def unpack_unsigned(b: np.ndarray, bits: int) -> np.ndarray:
     return (u.astype(np.int16) - 8).astype(np.int8)
 
 
-def matmul_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> tuple:
     """[N, K] weight -> (B uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]) for
-    com.microsoft.MatMulNBits(x, B, scales) with attributes K, N, bits, block_size."""
-    q, scales = quantize_rows(w, bits, block)
-    n, k = q.shape
-    return pack_unsigned(q, bits).reshape(n, k // block, block * bits // 8), scales
+    com.microsoft.MatMulNBits(x, B, scales) with attributes K, N, bits, block_size; with
+    symmetric=False a third array, the zero points (`zero_points_nbits`), its fourth input."""
+    n, k = w.shape
+    if symmetric:
+        q, scales = quantize_rows(w, bits, block)
+        return pack_unsigned(q, bits).reshape(n, k // block, block * bits // 8), scales
+    u, scales, zero = quantize_rows_asym(w, bits, block)
+    return (pack_codes(u, bits).reshape(n, k // block, block * bits // 8), scales,
+            zero_points_nbits(zero, bits))
 
 
-def gather_block_quantized(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def gather_block_quantized(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> tuple:
     """[rows, K] table -> (data uint8 [rows, K*bits/8], scales float32 [rows, K/block]) for
-    com.microsoft.GatherBlockQuantized(data, ids, scales) with gather_axis 0, quantize_axis 1."""
-    b, scales = matmul_nbits(w, bits, block)
-    return b.reshape(b.shape[0], -1), scales
+    com.microsoft.GatherBlockQuantized(data, ids, scales) with gather_axis 0, quantize_axis 1;
+    symmetric=False adds the zero points as that op reads them with quantize_axis 1: packed like
+    the data, [rows, ceil(K/block * bits/8)]."""
+    if symmetric:
+        b, scales = matmul_nbits(w, bits, block)
+        return b.reshape(b.shape[0], -1), scales
+    u, scales, zero = quantize_rows_asym(w, bits, block)
+    return pack_codes(u, bits), scales, pack_codes(zero, bits)
 
 
 def dequantize_linear(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,12 @@ def _model() -> Gemma3Model:
     return Gemma3Model(preset("tiny")).eval()
 
 
+def _round_trip(quant, w, bits, block):
+    """dequantize(quant(w)): quant returns (codes, scales) or (codes, scales, zero points)."""
+    q, s, *z = quant(w, bits, block)
+    return Q.dequantize_rows(q, s, block, *z)
+
+
 def fake_quantized(model: Gemma3Model, bits: int, block: int,
                    quant=Q.quantize_rows) -> Gemma3Model:
     """The model a quantized build should compute: each [N, K] weight -> W~ (blocks along K)."""
@@ -39,24 +45,31 @@ def fake_quantized(model: Gemma3Model, bits: int, block: int,
         for name, p in m.named_parameters():
             if PROJ.search(name) or name.endswith("embed_tokens.weight"):
                 w = p.detach().numpy()
-                p.copy_(torch.from_numpy(Q.dequantize_rows(*quant(w, bits, block), block)))
+                p.copy_(torch.from_numpy(_round_trip(quant, w, bits, block)))
     return m
 
 
-def _transposed_blocks(w, bits, block):
+def _transposed(quant):
     """A wrong quantizer: blocks along N instead of K (what a transposed layout computes)."""
-    q, s = Q.quantize_rows(np.ascontiguousarray(w.T), bits, block)
-    wt = Q.dequantize_rows(q, s, block).T
-    return Q.quantize_rows(np.ascontiguousarray(wt), bits, block)
+    def wrong(w, bits, block):
+        wt = _round_trip(quant, np.ascontiguousarray(w.T), bits, block).T
+        return quant(np.ascontiguousarray(wt), bits, block)
+    return wrong
+
+
+# build name -> (scheme, symmetric, the quantizer its weights should equal)
+SCHEMES = {"int4": ("int4", None, Q.quantize_rows_asym),      # int4's default: zero points
+           "int4-sym": ("int4", True, Q.quantize_rows),
+           "int8": ("int8", None, Q.quantize_rows)}
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("qbuilds")
     out = {"fp32": build(_model(), None, root / "fp32", max_context=MAX_CONTEXT, progress=False)}
-    for scheme in ("int4", "int8"):
-        out[scheme] = build(_model(), None, root / scheme, max_context=MAX_CONTEXT,
-                            progress=False, quant=Q.QuantScheme(scheme, 32))
+    for name, (scheme, sym, _) in SCHEMES.items():
+        out[name] = build(_model(), None, root / name, max_context=MAX_CONTEXT,
+                          progress=False, quant=Q.QuantScheme(scheme, 32, symmetric=sym))
     return out
 
 
@@ -72,27 +85,28 @@ def _logits(sess, ids, chunks=(5, 11, 24), decode=8):
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantized_build_matches_fake_quantized_reference(builds, scheme):
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_quantized_build_matches_fake_quantized_reference(builds, name):
     """The bound comes from the quantization error itself: the weight quantization moves the
     logits by e_w = max|ref - ref~| (ref~: the fake-quantized model); what remains between the
     ORT build and ref~ is only MatMulNBits' accuracy_level-4 activation quantization (8-bit per
     block, so no larger than an 8-bit weight quantization's effect) and float order. The build
     must be within e_w(int8) of ref~, and must NOT be within it of a reference whose blocks run
     along N (transposed scales): the bound tells the right layout from the wrong one."""
+    scheme, _, quant = SCHEMES[name]
     bits = Q.WEIGHT_ONLY[scheme]
     model = _model()
     ids = np.random.default_rng(7).integers(0, 512, (1, 48))
     ref = _logits(TorchSession(model, MAX_CONTEXT), ids)
-    fq = _logits(TorchSession(fake_quantized(model, bits, 32), MAX_CONTEXT), ids)
+    fq = _logits(TorchSession(fake_quantized(model, bits, 32, quant), MAX_CONTEXT), ids)
     fq8 = fq if bits == 8 else _logits(TorchSession(fake_quantized(model, 8, 32), MAX_CONTEXT), ids)
-    wrong = _logits(TorchSession(fake_quantized(model, bits, 32, _transposed_blocks),
+    wrong = _logits(TorchSession(fake_quantized(model, bits, 32, _transposed(quant)),
                                  MAX_CONTEXT), ids)
-    got = _logits(OrtSession.from_build(builds[scheme]), ids)
+    got = _logits(OrtSession.from_build(builds[name]), ids)
     e_w = float(np.abs(ref - fq).max())
     e_w8 = float(np.abs(ref - fq8).max())
     err = float(np.abs(got - fq).max())
-    print(f"{scheme}: weight-quant effect {e_w:.4f}, int8 effect {e_w8:.4f}, build vs ref~ "
+    print(f"{name}: weight-quant effect {e_w:.4f}, int8 effect {e_w8:.4f}, build vs ref~ "
           f"{err:.4f}, build vs wrong layout {np.abs(got - wrong).max():.4f}")
     assert e_w > 0
     assert err <= e_w8
@@ -107,11 +121,28 @@ def test_manifest_and_graph(builds):
     man = json.loads((builds["int4"] / "manifest.json").read_text())
     q = man["quantization"]
     assert (q["scheme"], q["bits"], q["block"], q["embedding"]) == ("int4", 4, 32, True)
+    assert (q["symmetric"], q["zero_points"]) == (False, True)  # int4's default
+    sym = json.loads((builds["int4-sym"] / "manifest.json").read_text())["quantization"]
+    assert (sym["symmetric"], sym["zero_points"]) == (True, False)
     assert man["components"]["text"]["options"]["quantization"] == {"linear": 12 + 12,
                                                                     "embedding": 1}
     g = onnx.load(str(builds["int4"] / "text.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in g.node]
     assert ops.count("MatMulNBits") == 25 and ops.count("GatherBlockQuantized") == 1
+    # every quantized op reads its zero points (the fourth input)
+    assert all(len(n.input) == 4 and n.input[3] for n in g.node
+               if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    g = onnx.load(str(builds["int4-sym"] / "text.onnx"), load_external_data=False).graph
+    assert all(len(n.input) == 3 for n in g.node
+               if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    # and `inspect` says which
+    from click.testing import CliRunner
+
+    from g3export.cli import main
+
+    out = {k: CliRunner().invoke(main, ["inspect", str(builds[k])]).output for k in ("int4", "int4-sym")}
+    assert "quantization: int4 block=32  asymmetric (zero points)" in out["int4"]
+    assert "quantization: int4 block=32  symmetric  quantized" in out["int4-sym"]
     # no float copy of a quantized weight is left
     assert not [t.name for t in g.initializer if t.name.endswith("proj.weight.T")
                 or t.name.endswith("embed_tokens.weight.T")]
@@ -148,10 +179,11 @@ def test_eval_equals_direct_computation(builds):
     assert (long.tokens, long.truncated_from) == (MAX_CONTEXT, 90)
 
 
-def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch, symmetric):
     """The weights stream in row blocks (here 4 KB, so every weight takes several blocks); the
-    written codes and scales are byte-equal to quantizing each whole weight at once, for a
-    plain weight, a fused q/k/v one and the tied embedding."""
+    written codes, scales (and zero points) are byte-equal to quantizing each whole weight at
+    once, for a plain weight, a fused q/k/v one and the tied embedding."""
     import onnx
     from onnx import numpy_helper
 
@@ -160,7 +192,7 @@ def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "BLOCK_BYTES", 4096)
     model = _model()
     out = build(_model(), None, tmp_path / "int4", max_context=MAX_CONTEXT, progress=False,
-                quant=Q.QuantScheme("int4", 32))
+                quant=Q.QuantScheme("int4", 32, symmetric=symmetric))
     inits = {t.name: numpy_helper.to_array(t) for t in
              onnx.load(str(out / "text.onnx")).graph.initializer}
     p = dict(model.named_parameters())
@@ -171,9 +203,17 @@ def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
         "+".join(f"{lm}layers.2.self_attn.{x}_proj.weight.T" for x in "qkv"): np.concatenate(wq),
         f"{lm}embed_tokens.weight": p["language_model.embed_tokens.weight"].detach().numpy()}
     for base, w in cases.items():
-        b, s = Q.matmul_nbits(w, 4, 32)
+        b, s, *z = Q.matmul_nbits(w, 4, 32, symmetric=symmetric)
         np.testing.assert_array_equal(inits[f"{base}.q4"], b)
         np.testing.assert_array_equal(inits[f"{base}.scales"], s)
+        if not symmetric:
+            np.testing.assert_array_equal(inits[f"{base}.zero_points"], z[0])
+            if base.endswith("embed_tokens.weight"):
+                zero = Q.quantize_rows_asym(w, 4, 32)[2]
+                np.testing.assert_array_equal(inits[f"{base}.zero_points_gather"],
+                                              zero[:, :, None])
+        else:
+            assert f"{base}.zero_points" not in inits
 
 
 @pytest.mark.parametrize("args,match", [
@@ -182,6 +222,9 @@ def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch):
     (["--quant", "fp8", "--target", "trt-rtx", "--calibration", "/nonexistent.txt"],
      "calibration file /nonexistent.txt not found"),
     (["--calibration", "x.txt"], "options of --quant"),
+    (["--quant-asymmetric"], "options of --quant"),
+    (["--quant", "int4", "--quant-asymmetric", "--target", "trt-rtx"],
+     "--quant-asymmetric is for --target onnx"),
 ])
 def test_bad_quant_options_are_one_line_errors(tmp_path, args, match):
     from click.testing import CliRunner

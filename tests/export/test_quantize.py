@@ -127,3 +127,136 @@ def test_check_scheme_errors():
     with pytest.raises(Q.QuantError, match="not supported"):
         Q.check_scheme(Q.QuantScheme("int8", 48), "onnx", {})
     Q.check_scheme(Q.QuantScheme("int4", 64), "onnx", {"hidden_size": 640, "intermediate_size": 2048})
+
+
+def direct_asym(w, bits, block):
+    """Asymmetric dequantize(quantize(w)) element by element from the scheme's definition:
+    per block lo = min(0, min), hi = max(0, max), scale (hi - lo) / (2^bits - 1), integer zero
+    point round(-lo / scale), codes clip(round(w / scale) + zero, 0, 2^bits - 1)."""
+    top = 2 ** bits - 1
+    out = np.empty_like(w)
+    codes = np.empty(w.shape, np.int64)
+    for n in range(w.shape[0]):
+        for b in range(w.shape[1] // block):
+            blk = w[n, b * block:(b + 1) * block]
+            lo, hi = min(0.0, float(blk.min())), max(0.0, float(blk.max()))
+            s = np.float32((hi - lo) / top)
+            if s == 0:
+                out[n, b * block:(b + 1) * block] = 0
+                codes[n, b * block:(b + 1) * block] = 0
+                continue
+            z = min(max(round(-lo / s), 0), top)
+            q = [min(max(round(float(x / s)) + z, 0), top) for x in blk]
+            codes[n, b * block:(b + 1) * block] = q
+            out[n, b * block:(b + 1) * block] = [(c - z) * s for c in q]
+    return out, codes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 128])
+def test_asymmetric_round_trip_within_half_a_step(bits, block):
+    rng = np.random.default_rng(bits + block)
+    w = (rng.standard_normal((12, 256)) * rng.uniform(0.01, 3, (12, 1))).astype(np.float32)
+    w[2, :block] = 0                                   # all zero: exact
+    w[4, :block] = np.abs(w[4, :block]) + 1            # all positive: the grid starts at 0
+    w[5, block:2 * block] = -np.abs(w[5, block:2 * block])  # all negative
+    u, s, z = Q.quantize_rows_asym(w, bits, block, search=(1.0,))  # the plain min/max grid
+    assert u.dtype == np.uint8 and z.dtype == np.uint8 and s.shape == z.shape == (12, 256 // block)
+    assert u.max() <= 2 ** bits - 1 and z.max() <= 2 ** bits - 1
+    got = Q.dequantize_rows(u, s, block, z)
+    want, codes = direct_asym(w, bits, block)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # codes equal the definition's except where x / s sits on a rounding tie (float order)
+    assert np.mean(u == codes) > 0.999
+    step = np.repeat(s, block, axis=1)
+    assert np.all(np.abs(got - w) <= step / 2 * (1 + 1e-5) + 1e-12)
+    assert np.all(got[2, :block] == 0) and z[4, 0] == 0 and z[5, 1] == 2 ** bits - 1
+    # every level is used where the block spans it: a step no coarser than symmetric's
+    sym_step = np.abs(w.reshape(12, -1, block)).max(axis=2) / (2 ** (bits - 1) - 1)
+    assert np.all(s <= sym_step * (1 + 1e-6))
+    # the searched grid (the default): never a larger block error than min/max, a smaller one
+    # overall at 4 bits, every scale one of the candidates'; and no element outside the grid
+    us, ss, zs = Q.quantize_rows_asym(w, bits, block)
+    gs = Q.dequantize_rows(us, ss, block, zs)
+    berr = lambda x: np.square(x - w).reshape(12, -1, block).sum(axis=2)  # noqa: E731
+    assert np.all(berr(gs) <= berr(got) * (1 + 1e-5) + 1e-12)
+    if bits == 4:  # at 8 bits clipping an outlier rarely pays: min/max is often the best
+        assert berr(gs).sum() < berr(got).sum()
+    ratio = np.where(s > 0, ss / np.where(s > 0, s, 1), 1)
+    assert np.all(np.min(np.abs(ratio[..., None] - np.array(Q.SEARCH)), axis=-1) < 1e-5)
+    assert np.all(np.abs(gs - w) <= np.repeat(ss, block, axis=1) * (2 ** bits))  # in range
+    u2, s2, z2 = Q.quantize_rows_asym(w[3:9], bits, block)  # rows are independent
+    np.testing.assert_array_equal(u2, us[3:9])
+    np.testing.assert_array_equal(s2, ss[3:9])
+    np.testing.assert_array_equal(z2, zs[3:9])
+
+
+def test_zero_point_layouts():
+    z = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)  # 3 blocks per row: each row padded
+    np.testing.assert_array_equal(Q.zero_points_nbits(z, 4), [0x21, 0x03, 0x54, 0x06])
+    np.testing.assert_array_equal(Q.zero_points_nbits(z, 8), z.reshape(-1))
+    assert Q.zero_points_gather(z).shape == (2, 3, 1)
+
+
+def _ort_graph(nodes, inits, feeds):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
+                                         else TensorProto.INT64, list(v.shape))
+           for k, v in feeds.items()]
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
+                                            helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 64])
+def test_zero_point_layouts_match_onnxruntime_kernels(bits, block):
+    """MatMulNBits and GatherBlockQuantized (both the quantize_axis 1 layout and the graph's
+    quantize_axis 2 view of the shared table) with zero points, against numpy's dequantization
+    of the same codes. 3 blocks per row for block 64 (K=192): the odd count pads each row's
+    packed zero points."""
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    n, k = 40, 192
+    w = (rng.standard_normal((n, k)) + rng.uniform(-2, 2, (n, 1))).astype(np.float32)  # skewed
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    u, s, z = Q.quantize_rows_asym(w, bits, block)
+    wq = Q.dequantize_rows(u, s, block, z)
+    b, s2, zp = Q.matmul_nbits(w, bits, block, symmetric=False)
+    assert b.shape == (n, k // block, block * bits // 8) and zp.dtype == np.uint8
+    np.testing.assert_array_equal(s2, s)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+    y = _ort_graph([node], {"B": b, "s": s, "z": zp}, {"x": x})
+    np.testing.assert_allclose(y, x @ wq.T, rtol=1e-5, atol=1e-4)
+    ids = np.array([[0, 39], [7, 7]], np.int64)
+    data, s3, zg = Q.gather_block_quantized(w, bits, block, symmetric=False)
+    node = helper.make_node("GatherBlockQuantized", ["d", "i", "s", "z"], ["y"],
+                            domain="com.microsoft", gather_axis=0, quantize_axis=1, bits=bits,
+                            block_size=block)
+    np.testing.assert_array_equal(_ort_graph([node], {"d": data, "s": s3, "z": zg}, {"i": ids}),
+                                  wq[ids])
+    if bits == 4:  # the graph's form: MatMulNBits' B viewed as [rows, K/block, block/2]
+        node = helper.make_node("GatherBlockQuantized", ["d", "i", "s", "z"], ["y"],
+                                domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                                bits=bits, block_size=block)
+        got = _ort_graph([node], {"d": b, "s": s[:, :, None], "z": Q.zero_points_gather(z)},
+                         {"i": ids})
+        np.testing.assert_array_equal(got.reshape(2, 2, k), wq[ids])
+
+
+def test_resolve_symmetric_default():
+    assert Q.QuantScheme("int4", 32).resolve("onnx").symmetric is False
+    assert Q.QuantScheme("int8", 32).resolve("onnx").symmetric is True
+    assert Q.QuantScheme("int4", 32).resolve("trt-rtx").symmetric is True
+    assert Q.QuantScheme("int4", 32, symmetric=True).resolve("onnx").symmetric is True
+    with pytest.raises(Q.QuantError, match="--target onnx"):
+        Q.QuantScheme("int4", 32, symmetric=False).resolve("trt")
+    d = Q.QuantScheme("int4", 32).resolve("onnx").to_dict()
+    assert (d["symmetric"], d["zero_points"]) == (False, True)
