@@ -117,6 +117,38 @@ def _shared(key: tuple, make):
     return _SHARED[key]
 
 
+def _if(cond, then_branch, else_branch, name: str):
+    """`If(cond)` whose branches are recorded from two builder functions, each returning one fp32
+    Value. The exporter's tracer (an onnxscript OpRecorder) appends every node it records to a
+    list; the nodes a branch function records are taken out of that list into the branch's
+    subgraph, which reads the values it needs from the enclosing graph by name (ONNX outer
+    scope). Each branch gets its own constant farm: a Python constant first seen inside a branch
+    must not be reused outside it."""
+    import onnxscript.evaluator
+
+    tracer = onnxscript.evaluator.default()
+    graphs = []
+    for which, build in (("then", then_branch), ("else", else_branch)):
+        n0, farm = len(tracer.nodes), tracer.constant_farm
+        tracer.constant_farm = {}
+        try:
+            result = build()
+        finally:
+            tracer.constant_farm = farm
+        body = tracer.nodes[n0:]
+        del tracer.nodes[n0:]
+        for node in body:  # the exporter names only the main graph's values: SSA needs unique ones
+            n = _SHARED["#branch"] = _SHARED.get("#branch", 0) + 1
+            node.name = f"{name}_{which}_{n}"
+            for i, value in enumerate(node.outputs):
+                value.name = f"{name}_{which}_{n}_{i}"
+        result.dtype = _FLOAT
+        graphs.append(ir.Graph([], [result], nodes=body, name=f"{name}_{which}"))
+    out = op.If(cond, then_branch=graphs[0], else_branch=graphs[1])
+    out.dtype = _FLOAT
+    return out
+
+
 def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int, scale: float):
     """Trace-only translation: called by the exporter with onnx_ir Values; emits ONNX nodes."""
     heads = _static(q.shape[1], "number of query heads")
@@ -155,21 +187,29 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
                     _shared(key + ("qshape", kv_heads, head_dim),
                             lambda: _ints(0, kv_heads, -1, head_dim)))  # [B,KV,G*T,D]
-    s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
-    s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
 
     # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
-    def make_bias():
+    def chunk_ok():      # [B,T,T]: what the chunk's own keys may see (causal | image block, window)
         causal = op.LessOrEqual(op.Unsqueeze(u, zero), op.Unsqueeze(u, one))  # [T(q), T(k)]
         g_q = op.Unsqueeze(image_groups, axis2)            # [B,T,1]
         g_k = op.Unsqueeze(image_groups, one)              # [B,1,T]
         block = op.And(op.GreaterOrEqual(g_q, _int(0)), op.Equal(g_q, g_k))  # [B,T,T]
         new_ok = op.Or(op.Unsqueeze(causal, zero), block)  # [B,T,T]
-        b_dim = op.Shape(image_groups, start=0, end=1)
-        old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
         if sliding:
             dist = op.Sub(op.Unsqueeze(u, one), op.Unsqueeze(u, zero))  # u_q - u_k
             new_ok = op.And(new_ok, op.Unsqueeze(op.Less(dist, _int(window)), zero))
+        return new_ok
+
+    def as_bias(ok):     # [B,T,N] bool -> [B,1,G*T,N] fp32 additive bias
+        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
+        ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,N]
+        return op.Where(ok, op.Constant(value_float=0.0), op.Constant(value_float=-math.inf))
+
+    def make_bias():     # [B,1,G*T,L+T] over the old slots and the chunk
+        new_ok = chunk_ok()
+        b_dim = op.Shape(image_groups, start=0, end=1)
+        old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
+        if sliding:
             # slot s of row b holds position p_s = start_b-1 - ((start_b-1-s) mod S); < 0: empty
             s_idx = op.Range(_int(0), _int(slots), _int(1))  # [S]
             last = op.Sub(start_col, _int(1))                # [B,1]
@@ -182,20 +222,34 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             j = op.Range(_int(0), op.Squeeze(n_old, zero), _int(1))  # [L]
             old_ok = op.Unsqueeze(op.Less(j, start_col), one)  # [B,1,L]
         old_ok = op.Expand(old_ok, old_shape)                # [B,T,L]
-        ok = op.Concat(old_ok, new_ok, axis=-1)              # [B,T,L+T]
-        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
-        ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,L+T]
-        return op.Where(ok, op.Constant(value_float=0.0), op.Constant(value_float=-math.inf))
+        return as_bias(op.Concat(old_ok, new_ok, axis=-1))   # [B,1,G*T,L+T]
 
-    bias = _shared(key + ("bias", window, slots, groups), make_bias)
-
-    # ---- softmax over old and new keys together, fp32 ---------------------------------------
-    probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
     last_axis = _shared(key + ("c3",), lambda: _ints(3))
     n_all = _shared(key + ("n_all", sliding, slots), lambda: op.Add(n_old, t_q))
-    p_old = op.Slice(probs, zero, n_old, last_axis)          # [B,KV,G*T,L]
-    p_new = op.Slice(probs, n_old, n_all, last_axis)         # [B,KV,G*T,T]
-    ctx = op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
+
+    def with_cache(bias):  # softmax over old and new keys together, fp32
+        s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
+        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
+        probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
+        p_old = op.Slice(probs, zero, n_old, last_axis)      # [B,KV,G*T,L]
+        p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
+        return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
+
+    def chunk_only(bias):  # the chunk's own keys only: a first chunk on a sliding layer
+        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
+        return op.MatMul(op.Softmax(op.Add(s_new, bias), axis=-1), f32(v))  # [B,KV,G*T,D]
+
+    if sliding:
+        # every row starts at 0 (a first chunk): the ring holds nothing this chunk may see, so
+        # attend over the chunk only; otherwise over ring + chunk. One `If` decides the bias
+        # (shared by the layers) and one per layer the product (see the module docstring).
+        first = _shared(key + ("first",), lambda: op.Equal(
+            op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
+        bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
+            first, lambda: as_bias(chunk_ok()), make_bias, "bias"))
+        ctx = _if(first, lambda: chunk_only(bias), lambda: with_cache(bias), "attention")
+    else:
+        ctx = with_cache(_shared(key + ("bias", window, slots, groups), make_bias))
     out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
                                   lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
     if q.dtype != _FLOAT:
@@ -240,24 +294,26 @@ TRANSLATION_TABLE = {torch.ops.g3.attention.default: g3_attention}
 
 def scatter_inputs_ok(model_path: str) -> dict[str, bool]:
     """For an ONNX file (e.g. ORT's optimized model), whether each ScatterND writing a graph output
-    transitively depends (through its indices or updates) on a MatMul/Softmax that reads the same
-    cache input: the read-before-write rule."""
+    transitively depends (through its indices or updates) on a node that reads the same cache
+    input: the read-before-write rule. A reader is a MatMul/FusedMatMul/Softmax computed from the
+    cache, or an `If` whose branches read it (an `If`'s inputs here include the outer-scope values
+    its subgraphs use, as ONNX Runtime's planner counts them)."""
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
     producer = {o: n for n in m.graph.node for o in n.output}
     graph_outputs = {o.name for o in m.graph.output}
+    inputs = {id(n): list(n.input) + sorted(_outer_scope_names(n)) for n in m.graph.node}
 
     def ancestors(name: str) -> set[int]:
         seen: set[int] = set()
         stack = [name]
         while stack:
-            nm = stack.pop()
-            node = producer.get(nm)
+            node = producer.get(stack.pop())
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
-            stack.extend(i for i in node.input if i)
+            stack.extend(i for i in inputs[id(node)] if i)
         return seen
 
     nodes_by_id = {id(n): n for n in m.graph.node}
@@ -268,18 +324,26 @@ def scatter_inputs_ok(model_path: str) -> dict[str, bool]:
         cache_in = node.input[0]
         # the write (its indices or updates) must depend on a node that consumes the cache
         dep = ancestors(node.input[1]) | ancestors(node.input[2])
-        reads = False
-        for i in dep:
-            n_ = nodes_by_id[i]
-            if n_.op_type in ("MatMul", "FusedMatMul", "Softmax") and any(
-                    cache_in in _inputs_closure(x, producer) for x in n_.input):
-                reads = True
-                break
-        result[node.output[0]] = reads
+        result[node.output[0]] = any(
+            nodes_by_id[i].op_type in ("MatMul", "FusedMatMul", "Softmax", "If")
+            and any(cache_in in _inputs_closure(x, producer, inputs) for x in inputs[i])
+            for i in dep)
     return result
 
 
-def _inputs_closure(name: str, producer) -> set[str]:
+def _outer_scope_names(node) -> set[str]:
+    """Names a node's subgraphs (If branches, recursively) read from the enclosing scopes."""
+    used: set[str] = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+            for n in g.node:
+                used |= {i for i in n.input if i and i not in made}
+                used |= _outer_scope_names(n) - made
+    return used
+
+
+def _inputs_closure(name: str, producer, inputs) -> set[str]:
     """All graph values `name` is computed from (including itself)."""
     out = {name}
     stack = [name]
@@ -287,7 +351,7 @@ def _inputs_closure(name: str, producer) -> set[str]:
         node = producer.get(stack.pop())
         if node is None:
             continue
-        for i in node.input:
+        for i in inputs[id(node)]:
             if i and i not in out:
                 out.add(i)
                 stack.append(i)
