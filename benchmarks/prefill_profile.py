@@ -41,13 +41,15 @@ PROMPT_LEN = 512
 
 
 def node_events(path: str):
-    """The profile's node kernel events, in order: (name, op_type, dur_us)."""
+    """The profile's node kernel events, in order: (name, op_type [input shapes], dur_us)."""
     ev = json.load(open(path))
     out = []
     for e in ev:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            out.append((e["name"][: -len("_kernel_time")], e["args"].get("op_name", "?"),
-                        int(e["dur"])))
+            shapes = [list(x.values())[0] for x in e["args"].get("input_type_shape", [])]
+            what = e["args"].get("op_name", "?") + " " + "x".join(
+                str(list(x)).replace(" ", "") for x in shapes)
+            out.append((e["name"][: -len("_kernel_time")], what, int(e["dur"])))
     return out
 
 
@@ -66,13 +68,27 @@ def split_runs(events, n_runs):
     return runs[-n_runs:] if n_runs else runs
 
 
+def per_shape(runs):
+    """op type + input shapes -> [median ms per run, kernels per run], largest first."""
+    acc = defaultdict(list)
+    for r in runs:
+        one = defaultdict(lambda: [0, 0])
+        for _, what, d in r:
+            one[what][0] += d
+            one[what][1] += 1
+        for what in {w for x in runs for _, w, _ in x}:
+            acc[what].append(one[what] if what in one else [0, 0])
+    rows = {w: [round(statistics.median(x[0] for x in v) / 1000, 2), v[0][1]] for w, v in acc.items()}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
+
+
 def summarize(runs, wall):
     per_op = defaultdict(list)
     for r in runs:
         acc = defaultdict(int)
         for _, op, d in r:
-            acc[op] += d
-        for op in {o for x in runs for _, o, _ in x}:
+            acc[op.split(" ")[0]] += d
+        for op in {o.split(" ")[0] for x in runs for _, o, _ in x}:
             per_op[op].append(acc.get(op, 0))
     total = [sum(d for _, _, d in r) for r in runs]
     return {
@@ -81,7 +97,9 @@ def summarize(runs, wall):
         "kernels_per_run": len(runs[0]) if runs else 0,
         "per_op_ms": {op: round(statistics.median(v) / 1000, 2)
                       for op, v in sorted(per_op.items(), key=lambda kv: -statistics.median(kv[1]))},
-        "per_op_count": {op: sum(1 for _, o, _ in runs[0] if o == op) for op in per_op},
+        "per_op_count": {op: sum(1 for _, o, _ in runs[0] if o.split(" ")[0] == op)
+                         for op in per_op},
+        "per_shape_ms": per_shape(runs),
         "per_node_ms": {n: round(d / 1000, 3) for n, _, d in sorted(runs[0], key=lambda x: -x[2])[:60]},
     }
 
@@ -176,6 +194,9 @@ def report(name, path, wall, dwall, runs, decode):
     for op, ms in out["prefill"]["per_op_ms"].items():
         if ms >= 0.5:
             print(f"   {op:40s} {ms:8.2f} ms  x{out['prefill']['per_op_count'][op]}")
+    print("   by op and input shapes:")
+    for what, (ms, n) in list(out["prefill"]["per_shape_ms"].items())[:25]:
+        print(f"   {ms:8.2f} ms  x{n:3d}  {what}")
     if decode:
         d = out["decode_step"]
         print(f"   decode step: wall {d['wall_ms_median']} ms, kernels {d['kernel_ms_median']} ms in "

@@ -178,11 +178,15 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # ---- reads of the old cache (all before the write, see module docstring) ----------------
     if sliding:  # the whole ring: no copy (see the module docstring for why not only filled slots)
         n_old = _shared(key + ("S", slots), lambda: _ints(slots))  # [1] L = S
-        k_old, v_old = k_cache, v_cache                    # [B,KV,S,D]
+
+        def old_kv():
+            return k_cache, v_cache                        # [B,KV,S,D]
     else:        # the valid prefix of the longest row, slots 0..max(start)-1
         n_old = _shared(key + ("maxstart",), lambda: op.ReduceMax(start, keepdims=1))  # [1] L
-        k_old = op.Slice(k_cache, zero, n_old, axis2)      # [B,KV,L,D]
-        v_old = op.Slice(v_cache, zero, n_old, axis2)
+
+        def old_kv():
+            return (op.Slice(k_cache, zero, n_old, axis2),  # [B,KV,L,D]
+                    op.Slice(v_cache, zero, n_old, axis2))
 
     qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
                     _shared(key + ("qshape", kv_heads, head_dim),
@@ -228,6 +232,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     n_all = _shared(key + ("n_all", sliding, slots), lambda: op.Add(n_old, t_q))
 
     def with_cache(bias):  # softmax over old and new keys together, fp32
+        k_old, v_old = old_kv()
         s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
         s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
         probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
@@ -235,21 +240,18 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
         return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
 
-    def chunk_only(bias):  # the chunk's own keys only: a first chunk on a sliding layer
+    def chunk_only(bias):  # the chunk's own keys only: a first chunk
         s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
         return op.MatMul(op.Softmax(op.Add(s_new, bias), axis=-1), f32(v))  # [B,KV,G*T,D]
 
-    if sliding:
-        # every row starts at 0 (a first chunk): the ring holds nothing this chunk may see, so
-        # attend over the chunk only; otherwise over ring + chunk. One `If` decides the bias
-        # (shared by the layers) and one per layer the product (see the module docstring).
-        first = _shared(key + ("first",), lambda: op.Equal(
-            op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
-        bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
-            first, lambda: as_bias(chunk_ok()), make_bias, "bias"))
-        ctx = _if(first, lambda: chunk_only(bias), lambda: with_cache(bias), "attention")
-    else:
-        ctx = with_cache(_shared(key + ("bias", window, slots, groups), make_bias))
+    # Every row starts at 0 (a first chunk): the cache holds nothing this chunk may see, so
+    # attend over the chunk only; otherwise over cache + chunk. One `If` per layer kind decides
+    # the bias (shared by the layers) and one per layer the product (see the module docstring).
+    first = _shared(key + ("first",), lambda: op.Equal(
+        op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
+    bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
+        first, lambda: as_bias(chunk_ok()), make_bias, "bias"))
+    ctx = _if(first, lambda: chunk_only(bias), lambda: with_cache(bias), "attention")
     out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
                                   lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
     if q.dtype != _FLOAT:
