@@ -16,13 +16,34 @@ What the emitted subgraph does (one per layer):
 * Full layers read only the valid prefix of their cache, slots 0..max(start)-1 (`Slice` with the
   largest start of the batch; a row whose start is smaller has the rest masked), so decode cost
   grows with the used context, not with max_context. Sliding
-  layers read their whole W-slot ring, masked: slicing it to its filled slots would spare the
-  first prefill chunk its products with empty slots, but ORT's CPU `Slice` copies, and copying
-  every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs, one run of
-  benchmarks/compare_ort_genai.py with two builds side by side; the sliced variant was a
-  temporary switch, not kept in the code), for a prefill gain within noise.
+  layers read their whole W-slot ring, masked (no `Slice`: ORT's CPU `Slice` copies, and copying
+  every ring on every decode step measured ~10% slower decode on the 270M in one side-by-side
+  run of a variant not kept in the code).
+* First chunks attend over the chunk only. When every row starts at 0 (`max(start) == 0`: a
+  prompt's first chunk) no cache slot is visible to any query, so the layer's product over the
+  cache is skipped by an `If`: its then-branch is scores over the chunk's own keys, the chunk's
+  mask as bias, softmax, times the chunk's values; its else-branch is the general path below. A
+  second `If` per layer kind (on the same condition, shared by the layers) builds only the bias
+  that branch needs ([B,1,G*T,T] or [B,1,G*T,L+T]). On the 270M (512-token prompt, sliding
+  window 512) the first chunk used to multiply against the whole, still empty 512-slot ring on
+  15 sliding layers: twice the attention products, a Concat of the two score blocks, Slices of
+  the probabilities and a twice-wide mask Add/Softmax, ~17-20% of the prefill's kernel time in
+  ORT's profiler (benchmarks/prefill_profile.py). With the `If`, prefill takes 0.83x the CPU time
+  of the graph without it, and decode is unchanged (the `If` costs ~1 us per layer per step:
+  measured with 18 `If`s around small MatMuls, and decode steps of the two 270M graphs
+  interleaved one by one); BENCHMARKS.md section 1.1. The rows-at-different-positions contract
+  is untouched: a batch where any row has a start > 0 takes the general path, whose mask hides
+  what each row must not see. tests/export/test_onnx.py checks that a first chunk does not read
+  the cache (a cache full of NaN leaves its logits unchanged) and that a later chunk does.
+  How the branches are built: the translation is traced by the exporter's OpRecorder, which
+  appends every node it records to a list; `_if` moves the nodes a branch function recorded
+  out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),
+  names them (the exporter names only the main graph's values; SSA needs unique names), and
+  gives each branch its own constant farm so that no constant made inside a branch is reused
+  outside it.
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
-  scores (L = max(start) on full layers, S on sliding ones), built once per graph for each layer kind
+  scores (L = max(start) on full layers, S on sliding ones; [B,1,G*T,T] in a first chunk's
+  branch), built once per graph for each layer kind
   and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
   a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its
   broadcasting kernel is much slower than `Add`'s. Every row has its own start, so the bias is
@@ -45,8 +66,10 @@ must therefore run before the write. The graph enforces it by data dependency: t
 [B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be
 scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
 so neither the exporter's nor ORT's constant folding can remove it, and the G*T dim is a
-computed one, so shape-merging passes cannot rewire it to q's Shape either.
-`tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
+computed one, so shape-merging passes cannot rewire it to q's Shape either. The attention
+product is the output of the layer's `If`, whose else-branch reads the cache (ONNX Runtime counts
+the outer-scope values a subgraph reads as the `If` node's inputs), so the write still follows
+every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
 actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL), and the chunked-prefill
 parity tests would fail if a ring slot were overwritten before it was read.
 
