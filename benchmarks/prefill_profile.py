@@ -72,7 +72,8 @@ def split_runs(events, n_runs):
 
 
 def per_shape(runs):
-    """op type + input shapes -> [median ms per run, kernels per run], largest first."""
+    """op type + input shapes -> [mean ms per run, kernels per run], largest first (means, so
+    that rows add up to the mean total)."""
     acc = defaultdict(list)
     for r in runs:
         one = defaultdict(lambda: [0, 0])
@@ -81,7 +82,7 @@ def per_shape(runs):
             one[what][1] += 1
         for what in {w for x in runs for _, w, _ in x}:
             acc[what].append(one[what] if what in one else [0, 0])
-    rows = {w: [round(statistics.median(x[0] for x in v) / 1000, 2), v[0][1]] for w, v in acc.items()}
+    rows = {w: [round(statistics.mean(x[0] for x in v) / 1000, 2), v[0][1]] for w, v in acc.items()}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
 
 
@@ -98,6 +99,7 @@ def summarize(runs, wall):
     return {
         "wall_ms_median": round(statistics.median(wall) * 1000, 1),
         "kernel_ms_median": round(statistics.median(total) / 1000, 1),
+        "kernel_ms_mean": round(statistics.mean(total) / 1000, 1),
         "kernels_per_run": len(runs[0]) if runs else 0,
         "per_op_ms": {op: round(statistics.median(v) / 1000, 2)
                       for op, v in sorted(per_op.items(), key=lambda kv: -statistics.median(kv[1]))},
