@@ -58,6 +58,11 @@ session.intra_op.allow_spinning, which GenAI passes through). --spin off suits a
 with other busy processes.
 --skip-ours / --skip-genai time one side only.
 
+Besides wall time, each round records the process's CPU time (time.process_time, all threads)
+of prefill and decode; the ratios GenAI/ours of those are printed too. With --spin off they
+measure the work each runtime does, which a busy machine disturbs much less than wall time (with
+spinning on they count the spin as well).
+
 GenAI's generator: append_tokens(prompt) runs prefill, the first generate_next_token() only picks
 token 1, each later one runs a decode step; so TTFT = prefill + first pick, decode tok/s =
 63 tokens / their time, exactly as g3export's generate() counts. max_length = 512 + 64 (GenAI's
@@ -221,8 +226,16 @@ class Ours:
     def run(self, ids):
         from g3export.runtimes.generate import generate
 
-        r = generate(self.session, ids, NEW_TOKENS, stop_ids=[])
-        return r.time_to_first_token_s, r.decode_s, len(r.token_ids) - 1, list(r.token_ids)
+        marks = []  # process CPU time at the first token (on_token runs right after prefill)
+
+        def first(_token):
+            if not marks:
+                marks.append(time.process_time())
+        c0 = time.process_time()
+        r = generate(self.session, ids, NEW_TOKENS, stop_ids=[], on_token=first)
+        c2 = time.process_time()
+        return (r.time_to_first_token_s, r.decode_s, len(r.token_ids) - 1, list(r.token_ids),
+                marks[0] - c0, c2 - marks[0])
 
 
 class GenAI:
@@ -261,18 +274,18 @@ class GenAI:
         params.set_search_options(max_length=max(total, self.min_max_length), min_length=total,
                                   do_sample=False, batch_size=1)
         gen = og.Generator(self.model, params)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen.append_tokens(np.asarray([ids], dtype=np.int32))  # prefill: logits of the prompt
         gen.generate_next_token()                              # picks token 1 (no model run)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         n = 1
         while n < NEW_TOKENS and not gen.is_done():
             gen.generate_next_token()                          # one decode step + pick
             n += 1
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         seq = [int(t) for t in gen.get_sequence(0)[len(ids):]]
         del gen
-        return t1 - t0, t2 - t1, n - 1, seq
+        return t1 - t0, t2 - t1, n - 1, seq, c1 - c0, c2 - c1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,6 +301,11 @@ def summarize(runs):
         "decode_ms_per_token_median": round(1000 / statistics.median(dec), 2),
         "decode_ms_per_token_min": round(1000 / max(dec), 2),
         "all_ttft_s": [round(x, 4) for x in ttft], "all_decode_tok_s": [round(x, 2) for x in dec],
+        # process CPU seconds (all threads): the work done, less sensitive to a busy machine
+        # than wall time when spinning is off (--spin off); with spinning it counts spin too
+        "prefill_cpu_s_median": round(statistics.median(r[4] for r in runs), 4),
+        "decode_cpu_ms_per_token_median": round(statistics.median(
+            1000 * r[5] / r[2] for r in runs), 2),
     }
 
 
@@ -372,7 +390,8 @@ def main(argv=None):
             results[r.name].append(out)
             tokens[r.name] = out[3]
             print(f"round {i + 1}/{args.rounds} {r.name:24s} ttft {out[0] * 1000:7.1f} ms  "
-                  f"prefill {PROMPT_LEN / out[0]:6.1f} tok/s  decode {out[2] / out[1]:6.2f} tok/s",
+                  f"prefill {PROMPT_LEN / out[0]:6.1f} tok/s  decode {out[2] / out[1]:6.2f} tok/s  "
+                  f"cpu s prefill {out[4]:.3f} decode {out[5]:.3f}",
                   flush=True)
 
     bw1 = copy_bandwidth_gbps(args.bandwidth_bytes)
@@ -421,6 +440,10 @@ def main(argv=None):
             "decode_tok_s_best": round(o["decode_tok_s_max"] / g["decode_tok_s_max"], 3),
             "prefill_tok_s_median": round(o["prefill_tok_s_median"] / g["prefill_tok_s_median"], 3),
             "prefill_tok_s_best": round(o["prefill_tok_s_max"] / g["prefill_tok_s_max"], 3),
+            "prefill_cpu_s_genai_over_ours": round(
+                g["prefill_cpu_s_median"] / o["prefill_cpu_s_median"], 3),
+            "decode_cpu_ms_genai_over_ours": round(
+                g["decode_cpu_ms_per_token_median"] / o["decode_cpu_ms_per_token_median"], 3),
             "greedy_tokens_agree_first_n": same,
         }
 
@@ -441,7 +464,9 @@ def main(argv=None):
     for who, rr in report["ratios_ours_over_genai"].items():
         print(f"{who}/{rr['against']}: decode {rr['decode_tok_s_median']:.3f} (median), "
               f"{rr['decode_tok_s_best']:.3f} (best); prefill {rr['prefill_tok_s_median']:.3f} "
-              f"(median), {rr['prefill_tok_s_best']:.3f} (best); greedy tokens agree for the "
+              f"(median), {rr['prefill_tok_s_best']:.3f} (best); CPU-time ratio "
+              f"{rr['against']}/ours prefill {rr['prefill_cpu_s_genai_over_ours']:.3f}, decode "
+              f"{rr['decode_cpu_ms_genai_over_ours']:.3f}; greedy tokens agree for the "
               f"first {rr['greedy_tokens_agree_first_n']}")
     print(f"memory bound: copy bandwidth {bw:.1f} GB/s (best of numpy copy, read+write, "
           f"1 thread {bw1:.1f}, {args.threads} threads {bwn:.1f}); bound = bandwidth / "

@@ -16,13 +16,34 @@ What the emitted subgraph does (one per layer):
 * Full layers read only the valid prefix of their cache, slots 0..max(start)-1 (`Slice` with the
   largest start of the batch; a row whose start is smaller has the rest masked), so decode cost
   grows with the used context, not with max_context. Sliding
-  layers read their whole W-slot ring, masked: slicing it to its filled slots would spare the
-  first prefill chunk its products with empty slots, but ORT's CPU `Slice` copies, and copying
-  every ring on every decode step measured ~10% slower decode on the 270M (2 vCPUs, one run of
-  benchmarks/compare_ort_genai.py with two builds side by side; the sliced variant was a
-  temporary switch, not kept in the code), for a prefill gain within noise.
+  layers read their whole W-slot ring, masked (no `Slice`: ORT's CPU `Slice` copies, and copying
+  every ring on every decode step measured ~10% slower decode on the 270M in one side-by-side
+  run of a variant not kept in the code).
+* First chunks attend over the chunk only. When every row starts at 0 (`max(start) == 0`: a
+  prompt's first chunk) no cache slot is visible to any query, so the layer's product over the
+  cache is skipped by an `If`: its then-branch is scores over the chunk's own keys, the chunk's
+  mask as bias, softmax, times the chunk's values; its else-branch is the general path below. A
+  second `If` per layer kind (on the same condition, shared by the layers) builds only the bias
+  that branch needs ([B,1,G*T,T] or [B,1,G*T,L+T]). On the 270M (512-token prompt, sliding
+  window 512) the first chunk used to multiply against the whole, still empty 512-slot ring on
+  15 sliding layers: twice the attention products, a Concat of the two score blocks, Slices of
+  the probabilities and a twice-wide mask Add/Softmax, ~17-20% of the prefill's kernel time in
+  ORT's profiler (benchmarks/prefill_profile.py). With the `If`, prefill takes 0.83x the CPU time
+  of the graph without it, and decode is unchanged (the `If` costs ~1 us per layer per step:
+  measured with 18 `If`s around small MatMuls, and decode steps of the two 270M graphs
+  interleaved one by one); BENCHMARKS.md section 1.1. The rows-at-different-positions contract
+  is untouched: a batch where any row has a start > 0 takes the general path, whose mask hides
+  what each row must not see. tests/export/test_onnx.py checks that a first chunk does not read
+  the cache (a cache full of NaN leaves its logits unchanged) and that a later chunk does.
+  How the branches are built: the translation is traced by the exporter's OpRecorder, which
+  appends every node it records to a list; `_if` moves the nodes a branch function recorded
+  out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),
+  names them (the exporter names only the main graph's values; SSA needs unique names), and
+  gives each branch its own constant farm so that no constant made inside a branch is reused
+  outside it.
 * The mask is an additive fp32 bias (0 or -inf) of shape [B,1,G*T,L+T] over the concatenated
-  scores (L = max(start) on full layers, S on sliding ones), built once per graph for each layer kind
+  scores (L = max(start) on full layers, S on sliding ones; [B,1,G*T,T] in a first chunk's
+  branch), built once per graph for each layer kind
   and added with one `Add` (broadcast over KV heads). `Where(mask, s, -inf)` per layer was 8% of
   a 512-token prefill on ORT's CPU (one ORT profile, session option enable_profiling): its
   broadcasting kernel is much slower than `Add`'s. Every row has its own start, so the bias is
@@ -45,8 +66,10 @@ must therefore run before the write. The graph enforces it by data dependency: t
 [B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be
 scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
 so neither the exporter's nor ORT's constant folding can remove it, and the G*T dim is a
-computed one, so shape-merging passes cannot rewire it to q's Shape either.
-`tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
+computed one, so shape-merging passes cannot rewire it to q's Shape either. The attention
+product is the output of the layer's `If`, whose else-branch reads the cache (ONNX Runtime counts
+the outer-scope values a subgraph reads as the `If` node's inputs), so the write still follows
+every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
 actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL), and the chunked-prefill
 parity tests would fail if a ring slot were overwritten before it was read.
 
@@ -117,6 +140,38 @@ def _shared(key: tuple, make):
     return _SHARED[key]
 
 
+def _if(cond, then_branch, else_branch, name: str):
+    """`If(cond)` whose branches are recorded from two builder functions, each returning one fp32
+    Value. The exporter's tracer (an onnxscript OpRecorder) appends every node it records to a
+    list; the nodes a branch function records are taken out of that list into the branch's
+    subgraph, which reads the values it needs from the enclosing graph by name (ONNX outer
+    scope). Each branch gets its own constant farm: a Python constant first seen inside a branch
+    must not be reused outside it."""
+    import onnxscript.evaluator
+
+    tracer = onnxscript.evaluator.default()
+    graphs = []
+    for which, build in (("then", then_branch), ("else", else_branch)):
+        n0, farm = len(tracer.nodes), tracer.constant_farm
+        tracer.constant_farm = {}
+        try:
+            result = build()
+        finally:
+            tracer.constant_farm = farm
+        body = tracer.nodes[n0:]
+        del tracer.nodes[n0:]
+        for node in body:  # the exporter names only the main graph's values: SSA needs unique ones
+            n = _SHARED["#branch"] = _SHARED.get("#branch", 0) + 1
+            node.name = f"{name}_{which}_{n}"
+            for i, value in enumerate(node.outputs):
+                value.name = f"{name}_{which}_{n}_{i}"
+        result.dtype = _FLOAT
+        graphs.append(ir.Graph([], [result], nodes=body, name=f"{name}_{which}"))
+    out = op.If(cond, then_branch=graphs[0], else_branch=graphs[1])
+    out.dtype = _FLOAT
+    return out
+
+
 def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int, scale: float):
     """Trace-only translation: called by the exporter with onnx_ir Values; emits ONNX nodes."""
     heads = _static(q.shape[1], "number of query heads")
@@ -146,30 +201,42 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # ---- reads of the old cache (all before the write, see module docstring) ----------------
     if sliding:  # the whole ring: no copy (see the module docstring for why not only filled slots)
         n_old = _shared(key + ("S", slots), lambda: _ints(slots))  # [1] L = S
-        k_old, v_old = k_cache, v_cache                    # [B,KV,S,D]
+
+        def old_kv():
+            return k_cache, v_cache                        # [B,KV,S,D]
     else:        # the valid prefix of the longest row, slots 0..max(start)-1
         n_old = _shared(key + ("maxstart",), lambda: op.ReduceMax(start, keepdims=1))  # [1] L
-        k_old = op.Slice(k_cache, zero, n_old, axis2)      # [B,KV,L,D]
-        v_old = op.Slice(v_cache, zero, n_old, axis2)
+
+        def old_kv():
+            return (op.Slice(k_cache, zero, n_old, axis2),  # [B,KV,L,D]
+                    op.Slice(v_cache, zero, n_old, axis2))
 
     qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
                     _shared(key + ("qshape", kv_heads, head_dim),
                             lambda: _ints(0, kv_heads, -1, head_dim)))  # [B,KV,G*T,D]
-    s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
-    s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
 
     # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
-    def make_bias():
+    def chunk_ok():      # [B,T,T]: what the chunk's own keys may see (causal | image block, window)
         causal = op.LessOrEqual(op.Unsqueeze(u, zero), op.Unsqueeze(u, one))  # [T(q), T(k)]
         g_q = op.Unsqueeze(image_groups, axis2)            # [B,T,1]
         g_k = op.Unsqueeze(image_groups, one)              # [B,1,T]
         block = op.And(op.GreaterOrEqual(g_q, _int(0)), op.Equal(g_q, g_k))  # [B,T,T]
         new_ok = op.Or(op.Unsqueeze(causal, zero), block)  # [B,T,T]
-        b_dim = op.Shape(image_groups, start=0, end=1)
-        old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
         if sliding:
             dist = op.Sub(op.Unsqueeze(u, one), op.Unsqueeze(u, zero))  # u_q - u_k
             new_ok = op.And(new_ok, op.Unsqueeze(op.Less(dist, _int(window)), zero))
+        return new_ok
+
+    def as_bias(ok):     # [B,T,N] bool -> [B,1,G*T,N] fp32 additive bias
+        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
+        ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,N]
+        return op.Where(ok, op.Constant(value_float=0.0), op.Constant(value_float=-math.inf))
+
+    def make_bias():     # [B,1,G*T,L+T] over the old slots and the chunk
+        new_ok = chunk_ok()
+        b_dim = op.Shape(image_groups, start=0, end=1)
+        old_shape = op.Concat(b_dim, t_q, n_old, axis=0)   # [B,T,L]
+        if sliding:
             # slot s of row b holds position p_s = start_b-1 - ((start_b-1-s) mod S); < 0: empty
             s_idx = op.Range(_int(0), _int(slots), _int(1))  # [S]
             last = op.Sub(start_col, _int(1))                # [B,1]
@@ -182,20 +249,32 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             j = op.Range(_int(0), op.Squeeze(n_old, zero), _int(1))  # [L]
             old_ok = op.Unsqueeze(op.Less(j, start_col), one)  # [B,1,L]
         old_ok = op.Expand(old_ok, old_shape)                # [B,T,L]
-        ok = op.Concat(old_ok, new_ok, axis=-1)              # [B,T,L+T]
-        # rows of the grouped scores are g*T + t: tile the [.., T, ..] mask G times
-        ok = op.Unsqueeze(op.Tile(ok, _ints(1, groups, 1)), one)  # [B,1,G*T,L+T]
-        return op.Where(ok, op.Constant(value_float=0.0), op.Constant(value_float=-math.inf))
+        return as_bias(op.Concat(old_ok, new_ok, axis=-1))   # [B,1,G*T,L+T]
 
-    bias = _shared(key + ("bias", window, slots, groups), make_bias)
-
-    # ---- softmax over old and new keys together, fp32 ---------------------------------------
-    probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
     last_axis = _shared(key + ("c3",), lambda: _ints(3))
     n_all = _shared(key + ("n_all", sliding, slots), lambda: op.Add(n_old, t_q))
-    p_old = op.Slice(probs, zero, n_old, last_axis)          # [B,KV,G*T,L]
-    p_new = op.Slice(probs, n_old, n_all, last_axis)         # [B,KV,G*T,T]
-    ctx = op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
+
+    def with_cache(bias):  # softmax over old and new keys together, fp32
+        k_old, v_old = old_kv()
+        s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
+        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
+        probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
+        p_old = op.Slice(probs, zero, n_old, last_axis)      # [B,KV,G*T,L]
+        p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
+        return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
+
+    def chunk_only(bias):  # the chunk's own keys only: a first chunk
+        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
+        return op.MatMul(op.Softmax(op.Add(s_new, bias), axis=-1), f32(v))  # [B,KV,G*T,D]
+
+    # Every row starts at 0 (a first chunk): the cache holds nothing this chunk may see, so
+    # attend over the chunk only; otherwise over cache + chunk. One `If` per layer kind decides
+    # the bias (shared by the layers) and one per layer the product (see the module docstring).
+    first = _shared(key + ("first",), lambda: op.Equal(
+        op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
+    bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
+        first, lambda: as_bias(chunk_ok()), make_bias, "bias"))
+    ctx = _if(first, lambda: chunk_only(bias), lambda: with_cache(bias), "attention")
     out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
                                   lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
     if q.dtype != _FLOAT:
@@ -240,24 +319,26 @@ TRANSLATION_TABLE = {torch.ops.g3.attention.default: g3_attention}
 
 def scatter_inputs_ok(model_path: str) -> dict[str, bool]:
     """For an ONNX file (e.g. ORT's optimized model), whether each ScatterND writing a graph output
-    transitively depends (through its indices or updates) on a MatMul/Softmax that reads the same
-    cache input: the read-before-write rule."""
+    transitively depends (through its indices or updates) on a node that reads the same cache
+    input: the read-before-write rule. A reader is a MatMul/FusedMatMul/Softmax computed from the
+    cache, or an `If` whose branches read it (an `If`'s inputs here include the outer-scope values
+    its subgraphs use, as ONNX Runtime's planner counts them)."""
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
     producer = {o: n for n in m.graph.node for o in n.output}
     graph_outputs = {o.name for o in m.graph.output}
+    inputs = {id(n): list(n.input) + sorted(_outer_scope_names(n)) for n in m.graph.node}
 
     def ancestors(name: str) -> set[int]:
         seen: set[int] = set()
         stack = [name]
         while stack:
-            nm = stack.pop()
-            node = producer.get(nm)
+            node = producer.get(stack.pop())
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
-            stack.extend(i for i in node.input if i)
+            stack.extend(i for i in inputs[id(node)] if i)
         return seen
 
     nodes_by_id = {id(n): n for n in m.graph.node}
@@ -268,18 +349,26 @@ def scatter_inputs_ok(model_path: str) -> dict[str, bool]:
         cache_in = node.input[0]
         # the write (its indices or updates) must depend on a node that consumes the cache
         dep = ancestors(node.input[1]) | ancestors(node.input[2])
-        reads = False
-        for i in dep:
-            n_ = nodes_by_id[i]
-            if n_.op_type in ("MatMul", "FusedMatMul", "Softmax") and any(
-                    cache_in in _inputs_closure(x, producer) for x in n_.input):
-                reads = True
-                break
-        result[node.output[0]] = reads
+        result[node.output[0]] = any(
+            nodes_by_id[i].op_type in ("MatMul", "FusedMatMul", "Softmax", "If")
+            and any(cache_in in _inputs_closure(x, producer, inputs) for x in inputs[i])
+            for i in dep)
     return result
 
 
-def _inputs_closure(name: str, producer) -> set[str]:
+def _outer_scope_names(node) -> set[str]:
+    """Names a node's subgraphs (If branches, recursively) read from the enclosing scopes."""
+    used: set[str] = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            made = {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+            for n in g.node:
+                used |= {i for i in n.input if i and i not in made}
+                used |= _outer_scope_names(n) - made
+    return used
+
+
+def _inputs_closure(name: str, producer, inputs) -> set[str]:
     """All graph values `name` is computed from (including itself)."""
     out = {name}
     stack = [name]
@@ -287,7 +376,7 @@ def _inputs_closure(name: str, producer) -> set[str]:
         node = producer.get(stack.pop())
         if node is None:
             continue
-        for i in node.input:
+        for i in inputs[id(node)]:
             if i and i not in out:
                 out.add(i)
                 stack.append(i)

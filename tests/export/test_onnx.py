@@ -77,6 +77,32 @@ def test_parity_with_eager(built, prompt_len, chunks):
     assert ta2 == ta[:3]
 
 
+def test_first_chunk_reads_only_its_own_keys(built):
+    """A chunk at position 0 attends over its own keys only (the graph's `If` on max(start_pos)
+    == 0, onnx_attention): a cache full of NaN does not reach its logits. A later chunk does read
+    the cache (its NaN slots are masked, but 0 * NaN poisons the sum), which shows the test can
+    tell the two paths apart."""
+    out, model = built
+    sess = OrtSession.from_build(out)
+    prompt = np.random.default_rng(7).integers(0, 512, (1, 20))
+    want = sess.forward(prompt, 0)
+    for a in sess.cache_arrays:
+        a.fill(np.nan)
+    got = sess.forward(prompt, 0)
+    np.testing.assert_array_equal(got, want)
+    ref = TorchSession(model, MAX_CONTEXT)
+    np.testing.assert_allclose(got, ref.forward(prompt, 0), atol=1e-4)
+    for a in sess.cache_arrays:
+        a.fill(np.nan)
+    assert np.isnan(sess.forward(prompt[:, :5], 20)).all()
+    import onnx
+
+    graph = onnx.load(str(out / "text.onnx"), load_external_data=False).graph
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    # one per layer and one per layer kind (the shared bias)
+    assert len(ifs) == preset("tiny").text.num_hidden_layers + 2
+
+
 def test_cache_is_written_in_place(built):
     out, _ = built
     sess = OrtSession.from_build(out)
