@@ -21,6 +21,7 @@ cannot trust, with a `BuildError` whose message says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -74,6 +75,10 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         from .quantize import check_scheme, quant_dims
 
         check_scheme(quant, target, quant_dims(cfg.text))
+        if quant.scheme == "fp8":
+            from .quantize import fp8_min_compute_capability
+
+            fp8_min_compute_capability((trt_options or {}).get("compute_capabilities"))
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines
@@ -99,11 +104,19 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         t0 = time.perf_counter()
         ios = []
         streamed: dict[str, dict] = {}  # data files hashed as they were written
+        amax = None
+        if "text" in components and quant is not None and quant.scheme == "fp8":
+            from .calibrate import calibrate
+
+            step(f"calibrating fp8 activation scales on {quant.calibration['name']}")
+            amax, record = calibrate(model, weights, quant.calibration, tokenizer, max_context)
+            quant = dataclasses.replace(quant, calibration=record)
         if "text" in components:
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
                                    weights=weights, hashes=streamed, quant=quant,
+                                   activation_amax=amax,
                                    **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")
