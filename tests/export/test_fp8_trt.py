@@ -31,7 +31,7 @@ def test_trt_rtx_builds_fp8_engine_for_ada_and_blackwell(tmp_path):
     assert (q["scheme"], q["format"], q["embedding"]) == ("fp8", "float8_e4m3fn", False)
     assert q["calibration"]["name"] == "eval_text.txt" and q["calibration"]["tokens"] == 48
     e = man["tensorrt"]["engines"]["text"]
-    assert e["compute_capabilities"] == ["8.9", "12.0"]
+    assert man["tensorrt"]["compute_capabilities"] == ["8.9", "12.0"]
     layers = e["layer_types"]
     # 6 layers x (q/k/v input, o input, gate/up input, down input) activations quantized, and
     # 6 x 7 weights + those 24 activations dequantized
