@@ -7,14 +7,12 @@ FP8 (8.6) is refused before any work. Skips without tensorrt_rtx."""
 from __future__ import annotations
 
 import json
-import resource
-import time
 
 import pytest
 from click.testing import CliRunner
 
 from g3export.cli import main
-from tests.export.test_trt_build import _WHY, _cli  # why TensorRT-RTX builds skip here, if they do
+from tests.export.test_trt_build import _WHY, build_270m  # _WHY: why TensorRT-RTX skips
 
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "TensorRT-RTX missing")
 
@@ -44,20 +42,11 @@ def test_trt_rtx_builds_fp8_engine_for_ada_and_blackwell(tmp_path):
 
 @pytest.mark.slow
 def test_270m_fp8_builds_with_tensorrt_rtx(tmp_path):
-    out = tmp_path / "270m-fp8"
-    t0 = time.perf_counter()
-    proc = _cli("build", "--size", "270m", "--target", "trt-rtx", "--attention", "native",
-                "--compute-capability", "8.9", "--compute-capability", "12.0", "--quant", "fp8",
-                "--out", str(out), cwd=tmp_path)
-    seconds = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    man = json.loads((out / "manifest.json").read_text())
-    e = man["tensorrt"]["engines"]["text"]
-    print(f"\n270m trt-rtx native fp8 ({man['dtype']} rest): build {seconds:.1f} s (engine step "
-          f"{e['build_seconds']:.1f} s), engine {e['bytes']} bytes, text.onnx.data "
-          f"{man['files']['text.onnx.data']['size']} bytes, peak RSS {peak_mb:.0f} MiB, "
-          f"calibration {man['quantization']['calibration']['tokens']} tokens")
+    man = build_270m(tmp_path, "native fp8", "--attention", "native", "--compute-capability",
+                     "8.9", "--compute-capability", "12.0", "--quant", "fp8")
+    cal = man["quantization"]["calibration"]
+    print(f"calibration: {cal['tokens']} tokens ({cal['token_ids']})")
     n = man["model"]["text"]["num_hidden_layers"]
-    assert e["layer_types"]["QUANTIZE"] == 4 * n and e["layer_types"]["DEQUANTIZE"] == 11 * n
-    assert man["quantization"]["calibration"]["token_ids"] == "tokenizer"
+    layers = man["tensorrt"]["engines"]["text"]["layer_types"]
+    assert layers["QUANTIZE"] == 4 * n and layers["DEQUANTIZE"] == 11 * n
+    assert cal["token_ids"] == "tokenizer" and cal["tokens"] == 512
