@@ -57,7 +57,8 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
     arguments of g3export.export.trt.plan_engines (attention, prefill_chunk, max_batch,
     compute_capabilities, timing_cache); see _build_engines. quant: a
     g3export.export.quantize.QuantScheme (checked here, before any work; recorded in the
-    manifest's `quantization` section).
+    manifest's `quantization` section). fp8 first calibrates its activation scales on
+    quant.calibration's text (g3export.export.calibrate; the tokenizer, if any, tokenizes it).
     """
     out = Path(out_dir)
     if target not in TARGETS:
@@ -107,9 +108,11 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         amax = None
         if "text" in components and quant is not None and quant.scheme == "fp8":
             from .calibrate import calibrate
+            from .quantize import read_calibration
 
-            step(f"calibrating fp8 activation scales on {quant.calibration['name']}")
-            amax, record = calibrate(model, weights, quant.calibration, tokenizer, max_context)
+            text = quant.calibration or read_calibration(None)  # None: the default text
+            step(f"calibrating fp8 activation scales on {text['name']}")
+            amax, record = calibrate(model, weights, text, tokenizer, max_context)
             quant = dataclasses.replace(quant, calibration=record)
         if "text" in components:
             step("exporting the text component (torch.export -> ONNX)")

@@ -28,6 +28,14 @@ Layouts (functions named after what reads them):
 * `dequantize_linear(w)`: standard ONNX DequantizeLinear (opset 21, blocked), for TensorRT: the
   signed codes transposed to [K, N] (int8 numpy; stored as ONNX INT4/INT8), scales [K/block, N],
   axis 0, block_size = block: DequantizeLinear(q, scales) is W^T, the MatMul's B.
+  Streamed into the [K, N] layout by g3export.export.quant_stream (`pack_int4_signed` is ONNX
+  INT4's byte layout).
+
+FP8 (`--quant fp8`, TensorRT only; graph: g3export.export.onnx_fp8): E4M3FN (max 448), not
+block-wise. `quantize_fp8_rows(w)`: one scale per output channel, amax_n / 448 (rows
+independent, so it streams like the rest); activations: one static per-tensor scale
+`fp8_scale(amax)` from calibration (g3export.export.calibrate). Round to nearest even,
+saturating at +-448 (`to_fp8`), as ONNX QuantizeLinear with saturate=1.
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ from tests.export.test_trt_build import _WHY, build_270m  # _WHY: why TensorRT-R
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "TensorRT-RTX missing")
 
 
-def test_trt_rtx_builds_fp8_engine_for_ada_and_blackwell(tmp_path):
+@pytest.mark.parametrize("attention", ["native", "plugin"])
+def test_trt_rtx_builds_fp8_engine_for_ada_and_blackwell(tmp_path, attention):
     out = tmp_path / "fp8"
     r = CliRunner().invoke(main, ["build", "--size", "tiny", "--weights", "random", "--target",
-                                  "trt-rtx", "--attention", "native", "--max-context", "48",
+                                  "trt-rtx", "--attention", attention, "--max-context", "48",
                                   "--compute-capability", "8.9", "--compute-capability", "12.0",
                                   "--quant", "fp8", "--out", str(out)])
     assert r.exit_code == 0, r.output
