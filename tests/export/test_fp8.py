@@ -229,6 +229,28 @@ def test_dq_path_streams_the_same_bytes(tmp_path, monkeypatch, bits):
     np.testing.assert_array_equal(inits["model.language_model.embed_tokens.weight.scales"], s)
 
 
+def test_row_quant_eager_form_is_the_packed_layout():
+    """A RowQuant read whole (numpy(), or an initializer small enough to stay inline) runs the
+    streamed loop into memory: INT4 codes of W^T from a source without a recipe, an odd N."""
+    import onnx_ir as ir
+
+    from g3export.export.quant_stream import RowQuant, source_recipe
+
+    w = np.random.default_rng(0).standard_normal((6, 64)).astype(np.float32)
+    v = ir.Value(name="w.T", const_value=ir.tensor(np.ascontiguousarray(w.T)),
+                 shape=ir.Shape([64, 6]))
+    t = RowQuant(source_recipe(v, True), lambda x: Q.quantize_rows(x, 4, 32)[0], True,
+                 ir.DataType.INT4, [64, 6], "q")
+    q, _ = Q.dequantize_linear(w, 4, 32)
+    np.testing.assert_array_equal(t.numpy().astype(np.int8), q)
+    assert t.tobytes() == Q.pack_int4_signed(q).tobytes()
+    odd = ir.Value(name="o.T", const_value=ir.tensor(np.ascontiguousarray(w[:5].T)),
+                   shape=ir.Shape([64, 5]))
+    with pytest.raises(ValueError, match="even N"):
+        RowQuant(source_recipe(odd, True), lambda x: Q.quantize_rows(x, 4, 32)[0], True,
+                 ir.DataType.INT4, [64, 5], "q").tobytes()
+
+
 # --- parity on ONNX Runtime's CPU EP --------------------------------------------------------
 
 
