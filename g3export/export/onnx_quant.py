@@ -273,7 +273,8 @@ def _dq_untied_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> Non
     """The TensorRT graphs keep the embedding as torch.onnx writes it, E [vocab, hidden], read by
     the lookup Gather and by the lm_head's Transpose -> MatMul (one copy in the engine:
     g3export.export.trt.graph). One DequantizeLinear along axis 1 (blocks along hidden, the
-    lm_head's K) feeds both; codes and scales are quantize_rows(E) as they are, streamed row block by row block."""
+    lm_head's K) feeds both; codes and scales are quantize_rows(E) as they are, streamed row
+    block by row block."""
     vocab, hidden = v.shape
     if hidden % block:
         raise Q.QuantError(f"{v.name}: hidden={hidden} is not a multiple of the block {block}")
