@@ -59,13 +59,19 @@ def build(size: str | None = None, checkpoint: str | Path | None = None, *,
         raise OptionError(f"unknown target {target!r}; use one of: {', '.join(TARGETS)}")
     scheme = None
     if quant is not None:  # checked before any work (and again by build against the config)
-        from .export.quantize import QuantScheme, check_scheme, read_calibration
+        from .export.quantize import (QuantScheme, check_scheme, fp8_min_compute_capability,
+                                      read_calibration)
 
-        scheme = QuantScheme(quant, None if quant == "fp8" else int(quant_block), quant_embedding,
-                             read_calibration(calibration) if quant == "fp8" else None,
-                             quant_symmetric)
+        if calibration is not None and quant != "fp8":
+            raise OptionError("--calibration is an option of --quant fp8 (int4/int8 are "
+                              "weight-only: nothing to calibrate)")
+        fp8 = quant == "fp8"  # the embedding / lm_head stay unquantized (quantize.FP8_KEPT)
+        scheme = QuantScheme(quant, None if fp8 else int(quant_block), quant_embedding and not fp8,
+                             read_calibration(calibration) if fp8 else None, quant_symmetric)
         check_scheme(scheme, target, {})
         scheme.resolve(target)  # an asymmetric TensorRT request fails here, before any work
+        if fp8:
+            fp8_min_compute_capability(compute_capabilities)
     elif calibration or not quant_embedding or quant_symmetric is not None:
         raise OptionError("--calibration/--no-quant-embedding/--quant-(a)symmetric are options "
                           "of --quant")

@@ -77,15 +77,17 @@ for _command in (run, eval_, serve, triton_repo):  # commands that live in their
                    "has). --components vision --weights random skips the text weights entirely.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp8"]), default=None,
               help="Quantize the decoder's linear layers (and the tied embedding / lm_head): "
-                   "int4/int8 weight-only, block-wise; fp8 (trt/trt-rtx only): E4M3 weights and "
-                   "activations. Default: none (the build dtype).")
+                   "int4/int8 weight-only, block-wise; fp8 (trt/trt-rtx only, compute capability "
+                   ">= 8.9): E4M3 weights and activations with static activation scales, the "
+                   "embedding / lm_head kept. Default: none (the build dtype).")
 @click.option("--quant-block", type=click.Choice(["32", "64", "128"]), default="32",
               show_default=True, help="int4/int8: elements per scale along the reduction dim.")
 @click.option("--no-quant-embedding", is_flag=True,
               help="int4/int8: keep the tied embedding / lm_head in the build dtype.")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="fp8: a UTF-8 text to calibrate activation scales on (default: a short "
-                   "public-domain text shipped with g3export).")
+              help="fp8: a UTF-8 text to calibrate activation scales on (its first 512 "
+                   "tokens, at most --max-context; default: a short public-domain text shipped "
+                   "with g3export).")
 @click.option("--quant-symmetric/--quant-asymmetric", "quant_symmetric", default=None,
               help="int4/int8: symmetric codes, or unsigned codes with a zero point per block "
                    "(onnx target only). Default: asymmetric for int4 on onnx, else symmetric.")
@@ -134,11 +136,14 @@ def inspect(build_dir, as_json):
             click.echo(f"  out  {io.name:<20} {io.dtype:<8} {list(io.shape)}{alias}")
     q = m.quantization
     if q:
+        cal = q.get("calibration")
         click.echo(f"quantization: {q['scheme']}" + (f" block={q['block']}" if q.get("block") else "")
+                   + (f" format={q['format']}" if q.get("format") else "")
                    + ("  symmetric" if q.get("symmetric", True) else "  asymmetric (zero points)")
                    + f"  quantized: {'; '.join(q['quantized'])}"
                    + f"  kept: {', '.join(q['kept'])}"
-                   + (f"  calibration: {q['calibration']['name']}" if q.get("calibration") else ""))
+                   + (f"  calibration: {cal['name']} (sha256 {cal['sha256'][:12]}, "
+                      f"{cal.get('tokens', '?')} tokens)" if cal else ""))
     kv = b.kv_layout()
     click.echo(f"KV cache: {kv.bytes / 2**20:.1f} MiB for batch {kv.batch}")
     for lc in kv.layers:

@@ -21,6 +21,7 @@ cannot trust, with a `BuildError` whose message says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -56,7 +57,8 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
     arguments of g3export.export.trt.plan_engines (attention, prefill_chunk, max_batch,
     compute_capabilities, timing_cache); see _build_engines. quant: a
     g3export.export.quantize.QuantScheme (checked here, before any work; recorded in the
-    manifest's `quantization` section).
+    manifest's `quantization` section). fp8 first calibrates its activation scales on
+    quant.calibration's text (g3export.export.calibrate; the tokenizer, if any, tokenizes it).
     """
     out = Path(out_dir)
     if target not in TARGETS:
@@ -75,6 +77,10 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
 
         check_scheme(quant, target, quant_dims(cfg.text))
         quant = quant.resolve(target)  # symmetric or not, decided per scheme and target
+        if quant.scheme == "fp8":
+            from .quantize import fp8_min_compute_capability
+
+            fp8_min_compute_capability((trt_options or {}).get("compute_capabilities"))
     engine_plan = None
     if target != "onnx":  # checked before any work; the ONNX is exported in its translation
         from .trt import plan_engines
@@ -100,11 +106,21 @@ def build(model, tokenizer, out_dir: str | Path, target: str = "onnx",
         t0 = time.perf_counter()
         ios = []
         streamed: dict[str, dict] = {}  # data files hashed as they were written
+        amax = None
+        if "text" in components and quant is not None and quant.scheme == "fp8":
+            from .calibrate import calibrate
+            from .quantize import read_calibration
+
+            text = quant.calibration or read_calibration(None)  # None: the default text
+            step(f"calibrating fp8 activation scales on {text['name']}")
+            amax, record = calibrate(model, weights, text, tokenizer, max_context)
+            quant = dataclasses.replace(quant, calibration=record)
         if "text" in components:
             step("exporting the text component (torch.export -> ONNX)")
             ios.append(export_text(model, tmp, max_context, dtype, all_logits=all_logits,
                                    images=images, dynamic_batch=dynamic_batch, progress=progress,
                                    weights=weights, hashes=streamed, quant=quant,
+                                   activation_amax=amax,
                                    **(export_options or {})))
         if "vision" in components:
             step("exporting the vision component (torch.export -> ONNX)")

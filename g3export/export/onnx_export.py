@@ -129,7 +129,8 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
                 weights: WeightSource | None = None,
                 hashes: dict[str, dict] | None = None, tie_lm_head: bool = True,
                 graph_passes: Sequence[Callable[[ir.Model], Any]] = (),
-                quant: Any = None) -> ComponentIO:
+                quant: Any = None,
+                activation_amax: dict[str, float] | None = None) -> ComponentIO:
     """Export the text component to `out_dir/file` (+ `file`.data). Returns its ComponentIO.
 
     model: a Gemma3Model, on the meta device (then `weights` gives every parameter) or
@@ -141,9 +142,10 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     embedding layout ([vocab, hidden], Gather + MatMul(x, Transpose(E))) instead of
     `_tie_lm_head`'s: TensorRT stores the ORT layout twice (g3export.export.trt.graph).
     graph_passes: run in order on the finished graph before it is written (a TensorRT target's
-    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses. quant: a weight-only
+    finalization, `EnginePlan.export_options()`), so the file is what its consumer parses. quant: a
     g3export.export.quantize.QuantScheme, applied after the other passes
-    (g3export.export.onnx_quant).
+    (g3export.export.onnx_quant; fp8: g3export.export.onnx_fp8, with activation_amax from
+    g3export.export.calibrate).
     """
     out_dir = Path(out_dir)
     cfg = model.config
@@ -195,7 +197,14 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
         _fuse_sibling_matmuls(m)
         _fuse_skip_norm(m)
-    if quant is not None:
+    if quant is not None and quant.scheme == "fp8":
+        from .onnx_fp8 import fp8_graph
+
+        if for_ort or activation_amax is None:
+            raise ValueError("fp8 is for the TensorRT graphs, with calibrated activation_amax")
+        io.options["quantization"] = fp8_graph(m, activation_amax)
+        opset = io.options["opset"] = m.opset_imports[""]
+    elif quant is not None:
         from .onnx_quant import quantize_graph
 
         io.options["quantization"] = quantize_graph(m, quant, "ort" if for_ort else "dq")

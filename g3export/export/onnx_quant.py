@@ -14,9 +14,9 @@ are the source weights' rows (n), a `StreamedQuant` writes itself block by block
 streams from its source (g3export.export.stream: `write_blocks`): each source row block is
 quantized and packed on its own (rows are independent), so no whole weight is ever in memory;
 codes and scales are two passes over the source (the scales pass re-reads the rows: cheaper
-than holding them). The TensorRT layout is [K, N] (a transpose of the source) and is
-quantized whole, per tensor, through `_Pair` (codes and scales from one call); a strided
-writer like stream's transposed one would stream it too (not done yet).
+than holding them). The TensorRT layout is [K, N] (a transpose of the source): a
+`quant_stream.RowQuant` quantizes each source row block and writes it as a block of output
+columns with strided writes (as stream writes a transposed recipe), so it streams too.
 
 Per target (`form`):
 * "ort" (ONNX Runtime): MatMul(x, W^T) -> com.microsoft.MatMulNBits(x, B, scales) with
@@ -299,15 +299,25 @@ def _dq_pair(g: ir.Graph, v: ir.Value, bits: int, block: int, axis: int) -> ir.N
     k = shape[axis]
     if k % block:
         raise Q.QuantError(f"{v.name}: K={k} is not a multiple of the block {block}")
-    dt = _float_dtype(v)
-    src = _source_nk(v)
-    pair = _Pair(lambda: Q.dequantize_linear(src(), bits, block))
-    qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
-    sshape = list(shape)
-    sshape[axis] = k // block
-    q = _lazy(g, f"{v.name}.q{bits}", shape, qtype, lambda: pair.get(0).reshape(shape))
-    s = _lazy(g, f"{v.name}.scales", sshape, dt, lambda: pair.get(1).reshape(sshape))
+    q, s = _dq_weights(g, v, bits, block, shape, axis, columns=True)
     return ir.node("DequantizeLinear", [q, s], attributes={"axis": axis, "block_size": block})
+
+
+def _dq_weights(g: ir.Graph, v: ir.Value, bits: int, block: int, shape: list, axis: int,
+                columns: bool) -> tuple[ir.Value, ir.Value]:
+    """Codes and scales of v's weight as RowQuant initializers that stream (quant_stream):
+    quantize_rows of each source row block, stored transposed ([K, N]: columns) or as is."""
+    from .quant_stream import row_quant, source_recipe
+
+    recipe = source_recipe(v, transposed=columns)
+    sshape = list(shape)
+    sshape[axis] = shape[axis] // block
+    qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    q = row_quant(g, f"{v.name}.q{bits}", recipe, lambda w: Q.quantize_rows(w, bits, block)[0],
+                  columns, qtype, shape)
+    s = row_quant(g, f"{v.name}.scales", recipe, lambda w: Q.quantize_rows(w, bits, block)[1],
+                  columns, _float_dtype(v), sshape)
+    return q, s
 
 
 def _dq_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int) -> None:
@@ -321,16 +331,12 @@ def _dq_untied_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int) -> Non
     """The TensorRT graphs keep the embedding as torch.onnx writes it, E [vocab, hidden], read by
     the lookup Gather and by the lm_head's Transpose -> MatMul (one copy in the engine:
     g3export.export.trt.graph). One DequantizeLinear along axis 1 (blocks along hidden, the
-    lm_head's K) feeds both; codes and scales are quantize_rows(E) as they are."""
+    lm_head's K) feeds both; codes and scales are quantize_rows(E) as they are, streamed row
+    block by row block."""
     vocab, hidden = v.shape
     if hidden % block:
         raise Q.QuantError(f"{v.name}: hidden={hidden} is not a multiple of the block {block}")
-    cv = v.const_value
-    pair = _Pair(lambda: Q.quantize_rows(cv.numpy().astype(np.float32), bits, block))
-    qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
-    q = _lazy(g, f"{v.name}.q{bits}", [vocab, hidden], qtype, lambda: pair.get(0))
-    s = _lazy(g, f"{v.name}.scales", [vocab, hidden // block], _float_dtype(v),
-              lambda: pair.get(1))
+    q, s = _dq_weights(g, v, bits, block, [vocab, hidden], 1, columns=False)
     dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1, "block_size": block})
     g.insert_before(next(iter(g)), dq)
     for node, idx in list(v.uses()):

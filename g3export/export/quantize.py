@@ -59,6 +59,14 @@ Layouts (functions named after what reads them):
 * `dequantize_linear(w)`: standard ONNX DequantizeLinear (opset 21, blocked), for TensorRT: the
   signed codes transposed to [K, N] (int8 numpy; stored as ONNX INT4/INT8), scales [K/block, N],
   axis 0, block_size = block: DequantizeLinear(q, scales) is W^T, the MatMul's B.
+  Streamed into the [K, N] layout by g3export.export.quant_stream (`pack_int4_signed` is ONNX
+  INT4's byte layout).
+
+FP8 (`--quant fp8`, TensorRT only; graph: g3export.export.onnx_fp8): E4M3FN (max 448), not
+block-wise. `quantize_fp8_rows(w)`: one scale per output channel, amax_n / 448 (rows
+independent, so it streams like the rest); activations: one static per-tensor scale
+`fp8_scale(amax)` from calibration (g3export.export.calibrate). Round to nearest even,
+saturating at +-448 (`to_fp8`), as ONNX QuantizeLinear with saturate=1.
 """
 
 from __future__ import annotations
@@ -116,6 +124,8 @@ class QuantScheme:
         return WEIGHT_ONLY.get(self.scheme, 8)
 
     def to_dict(self) -> dict:
+        if self.scheme == "fp8":
+            return fp8_dict(self)
         d = asdict(self)
         d["bits"] = self.bits
         d["symmetric"] = True if self.symmetric is None else self.symmetric
@@ -125,6 +135,33 @@ class QuantScheme:
         d["kept"] = ["norms", "RoPE", "vision tower"] + ([] if self.embedding else
                                                           ["tied embedding and lm_head"])
         return d
+
+
+# What an fp8 build quantizes and keeps, and why (DESIGN §3.9 "FP8"; the manifest says it).
+FP8_QUANTIZED = ["decoder linear layers (q/k/v/o, gate/up/down): E4M3 weights, one scale per "
+                 "output channel; E4M3 inputs, one static per-tensor scale from calibration"]
+FP8_KEPT = ["embedding lookup and lm_head (one table read by both; the logits' precision)",
+            "attention (QK^T, softmax, PV) and the KV cache", "norms", "RoPE", "vision tower"]
+
+
+def fp8_dict(scheme: "QuantScheme") -> dict:
+    """The manifest's `quantization` section of an fp8 build."""
+    return {"scheme": "fp8", "bits": 8, "format": FP8_FORMAT, "block": None,
+            "embedding": False, "symmetric": True,
+            "weights": "per output channel (amax / 448), static",
+            "activations": "per tensor, static (calibrated amax / 448)",
+            "quantized": list(FP8_QUANTIZED), "kept": list(FP8_KEPT),
+            "calibration": dict(scheme.calibration) if scheme.calibration else None}
+
+
+def fp8_min_compute_capability(ccs) -> None:
+    """FP8 GEMMs need compute capability 8.9 (Ada) or newer: refuse an older --compute-capability
+    (TensorRT-RTX 1.7 says "Cannot compile for target(s) sm86, because the model contains
+    HW-specific datatypes: fp8_e4m3")."""
+    old = [c for c in ccs or () if tuple(int(x) for x in c.split(".")) < (8, 9)]
+    if old:
+        raise QuantError(f"--quant fp8 needs compute capability 8.9 or newer (FP8 tensor cores); "
+                         f"drop --compute-capability {', '.join(old)} or use --quant int8/int4")
 
 
 def read_calibration(path) -> dict:
@@ -141,6 +178,9 @@ def read_calibration(path) -> dict:
                          "(or omit --calibration for the default text)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise QuantError(f"calibration file {p} cannot be read as UTF-8 text ({e})") from None
+    if not text.strip():
+        raise QuantError(f"calibration file {p} is empty; give a text to calibrate on (or omit "
+                         "--calibration for the default text)")
     return {"name": p.name, "path": str(p), "sha256": hashlib.sha256(text.encode()).hexdigest(),
             "chars": len(text)}
 
@@ -161,9 +201,6 @@ def check_scheme(scheme: QuantScheme, target: str, dims: dict[str, int]) -> None
         if target == "onnx":
             raise QuantError("--quant fp8 is for the TensorRT targets (--target trt or trt-rtx); "
                              "for ONNX Runtime use --quant int8 or int4")
-        if dims:  # the CLI's early check passes none; build's check is the final one
-            raise QuantError("--quant fp8 is not implemented yet (int4 and int8 are); see "
-                             "issue 14")
         return
     if scheme.block not in BLOCKS:
         raise QuantError(f"--quant-block {scheme.block} is not supported; use one of "
@@ -322,8 +359,11 @@ def dequantize_linear(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray,
     return np.ascontiguousarray(q.T), np.ascontiguousarray(scales.T)
 
 
-# FP8 (E4M3): per-tensor scales; 448 is E4M3FN's largest finite value.
+# FP8 (E4M3FN) for the TensorRT targets (DESIGN §3.9, "FP8"): weights per output channel,
+# activations per tensor with a static scale from calibration (g3export.export.calibrate).
+# 448 is E4M3FN's largest finite value; values are scaled so the largest |x| lands on it.
 FP8_MAX = 448.0
+FP8_FORMAT = "float8_e4m3fn"
 
 
 def fp8_scale(amax: float) -> float:
@@ -331,9 +371,41 @@ def fp8_scale(amax: float) -> float:
     return float(amax) / FP8_MAX if amax > 0 else 1.0
 
 
-def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, float]:
-    """A weight -> (E4M3 values as ml_dtypes.float8_e4m3fn, its per-tensor scale)."""
+def to_fp8(x: np.ndarray) -> np.ndarray:
+    """float32 -> E4M3FN (ml_dtypes), rounding to nearest even and saturating at +-448 as ONNX
+    QuantizeLinear does (saturate=1): a plain cast would turn an overflow into NaN."""
     import ml_dtypes
 
+    return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """A tensor -> (E4M3 values as ml_dtypes.float8_e4m3fn, its per-tensor scale)."""
     s = fp8_scale(float(np.abs(w).max()))
-    return (np.asarray(w, np.float32) / s).astype(ml_dtypes.float8_e4m3fn), s
+    return to_fp8(np.asarray(w, np.float32) / np.float32(s)), s
+
+
+def quantize_fp8_rows(w: np.ndarray, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (E4M3 codes [N, K], scales [N] in scale_dtype): one scale per output
+    channel (row n), amax_n / 448, rounded to scale_dtype (the graph's float type, which is
+    DequantizeLinear's output type) BEFORE the codes are computed, so codes * stored scale is
+    what the graph computes; a row whose rounded scale fell below amax/448 saturates at 448.
+    Rows are independent (a slice of rows quantizes to that slice). All-zero rows: scale 1."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {w.shape}")
+    amax = np.abs(w).max(axis=1)
+    scales = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(scale_dtype)
+    return to_fp8(w / scales.astype(np.float32)[:, None]), scales
+
+
+def dequantize_fp8_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The inverse map: E4M3 codes [N, K] and scales [N] -> float32 [N, K]."""
+    return q.astype(np.float32) * np.asarray(scales, np.float32)[:, None]
+
+
+def pack_int4_signed(q: np.ndarray) -> np.ndarray:
+    """Signed codes [..., 2m] -> ONNX INT4 bytes [..., m]: element 2i in the low nibble of byte
+    i, two's complement (the layout of an ONNX INT4 tensor's raw data, flattened row-major)."""
+    u = q.astype(np.uint8) & 0x0F
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)

@@ -219,17 +219,28 @@ def write_recipe(f: _HashedFile, r: Recipe, block_bytes: int, bar) -> None:
     rows = r.parts[0].shape[1]  # the 2-D transposed layout (before any reshape)
     cols = sum(p.shape[0] for p in r.parts)
     es = torch.empty((), dtype=r.dtype).element_size()
+
+    def column_blocks():
+        col0 = 0
+        for p in r.parts:
+            for start, block in p.source.blocks(p.name, block_bytes):
+                yield (col0 + start) * es, _bytes(block.to(r.dtype).t()).reshape(rows, -1)
+            col0 += p.shape[0]
+    write_columns(f, rows, cols * es, column_blocks(), bar)
+
+
+def write_columns(f: _HashedFile, rows: int, row_bytes: int, blocks, bar) -> None:
+    """Write a [rows, row_bytes] byte matrix at f.pos column block by column block: `blocks`
+    yields (byte offset within a row, uint8 [rows, width]), one pwrite per row at its strided
+    offset (module docstring). Used for transposed recipes and for quantized weights stored
+    [K, N] (g3export.export.quant_stream)."""
     base = f.pos
-    col0 = 0
-    for p in r.parts:
-        for start, block in p.source.blocks(p.name, block_bytes):
-            bt = _bytes(block.to(r.dtype).t()).reshape(rows, -1)  # [rows, b * es]
-            for i in range(rows):
-                f.pwrite(bt[i], base + (i * cols + col0 + start) * es)
-            bar.update(bt.nbytes)
-            del bt, block
-        col0 += p.shape[0]
-    f.pos = base + rows * cols * es
+    for c0, bt in blocks:
+        for i in range(rows):
+            f.pwrite(bt[i], base + i * row_bytes + c0)
+        bar.update(bt.nbytes)
+        del bt
+    f.pos = base + rows * row_bytes
     f.catch_up()
 
 
@@ -275,6 +286,8 @@ def save_with_external_data(m: ir.Model, path: str | Path, progress: bool = True
                     write_recipe(f, t.recipe, block_bytes, bar)
                 elif hasattr(t, "write_blocks"):  # streams itself (onnx_quant.StreamedQuant)
                     t.write_blocks(f.write, block_bytes, bar)
+                elif hasattr(t, "write_into"):  # streams itself, maybe strided (quant_stream)
+                    t.write_into(f, block_bytes, bar)
                 else:
                     f.write(t.tobytes())
                     bar.update(t.nbytes)

@@ -216,20 +216,28 @@ def test_plugin_graph_mapped_to_reference_gives_reference_tokens(builds, referen
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["plugin", "native"])
-def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
+def build_270m(tmp_path: Path, label: str, *args: str) -> dict:
+    """`g3export build --size 270m --target trt-rtx *args` in a child; prints build time, engine
+    bytes and peak RSS (for BENCHMARKS.md) and returns the manifest."""
     out = tmp_path / "270m"
     t0 = time.perf_counter()
-    proc = _cli("build", "--size", "270m", "--target", "trt-rtx", "--attention", attention,
-                "--out", str(out), cwd=tmp_path)
+    proc = _cli("build", "--size", "270m", "--target", "trt-rtx", *args, "--out", str(out),
+                cwd=tmp_path)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     man = json.loads((out / "manifest.json").read_text())
     e = man["tensorrt"]["engines"]["text"]
-    print(f"\n270m trt-rtx {attention} {man['dtype']}: build {seconds:.1f} s (engine step "
+    print(f"\n270m trt-rtx {label} {man['dtype']}: build {seconds:.1f} s (engine step "
           f"{e['build_seconds']:.1f} s), engine {e['bytes']} bytes, text.onnx.data "
           f"{man['files']['text.onnx.data']['size']} bytes, peak RSS {peak_mb:.0f} MiB "
           f"(largest child so far)")
+    return man
+
+
+def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
+    man = build_270m(tmp_path, attention, "--attention", attention)
+    e = man["tensorrt"]["engines"]["text"]
     assert e["bytes"] > 100 << 20
     weights = man["files"]["text.onnx.data"]["size"]
     # each weight once: one embedding copy (BENCHMARKS.md §4.1) and one optimization profile
