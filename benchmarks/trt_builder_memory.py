@@ -23,7 +23,8 @@ the row says "did not fit in N GiB" (N = MemAvailable at the start minus that re
 peak the tree had reached. Nothing else on the machine is touched.
 
 Prints one JSON line: size, repo, wall_s, build_peak_mib, build_tree_peak_mib, builder_peak_mib,
-engine_bytes, weight_bytes, or fit=false with the note. The build directory is deleted unless
+engine_bytes, weight_bytes, the lowest MemAvailable seen during each measurement, or fit=false
+with the note. The build directory is deleted unless
 --keep.
 """
 
@@ -84,11 +85,12 @@ class DidNotFit(Exception):
 
 
 def run_watched(cmd: list[str], env: dict, cwd: Path, reserve: int, interval: float = 0.1,
-                capture: bool = False) -> tuple[str, int]:
+                capture: bool = False) -> tuple[str, int, int]:
     """Run `cmd` in its own session; return (its stdout if `capture`, the peak RSS of its process
-    tree in bytes). Raises DidNotFit (after killing the whole tree) when the machine's
-    MemAvailable falls below `reserve` bytes, CalledProcessError when it fails."""
-    start = _mem_available()
+    tree, the lowest MemAvailable seen while it ran; bytes). Raises DidNotFit (after killing the
+    whole tree) when the machine's MemAvailable falls below `reserve` bytes, CalledProcessError
+    when it fails."""
+    start = lowest = _mem_available()
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
                                 stdout=out if capture else None)
@@ -96,7 +98,8 @@ def run_watched(cmd: list[str], env: dict, cwd: Path, reserve: int, interval: fl
         try:
             while proc.poll() is None:
                 peak = max(peak, tree_rss(proc.pid))
-                if _mem_available() < reserve:
+                lowest = min(lowest, _mem_available())
+                if lowest < reserve:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     raise DidNotFit(
@@ -112,7 +115,7 @@ def run_watched(cmd: list[str], env: dict, cwd: Path, reserve: int, interval: fl
         if proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, cmd)
         out.seek(0)
-        return out.read().decode(errors="replace"), peak
+        return out.read().decode(errors="replace"), peak, lowest
 
 
 def main() -> None:
@@ -135,24 +138,25 @@ def main() -> None:
     row = {"size": a.size, "repo": str(a.repo), "components": a.components}
     try:
         t0 = time.perf_counter()
-        _, tree = run_watched([sys.executable, "-c", "from g3export.cli import main; main()",
+        _, tree, low = run_watched([sys.executable, "-c", "from g3export.cli import main; main()",
                                "build", "--size", a.size, "--weights", "random", "--target",
                                "trt-rtx", "--out", str(out),
                                *(["--components", a.components] if a.components else [])],
                               env, a.out, reserve)
         row.update(wall_s=round(time.perf_counter() - t0, 1),
                    build_peak_mib=round(_children_peak_mib()),
-                   build_tree_peak_mib=round(tree / 2**20))
+                   build_tree_peak_mib=round(tree / 2**20),
+                   build_lowest_mem_available_mib=round(low / 2**20))
         man = json.loads((out / "manifest.json").read_text())
         row.update(engine_bytes=man["tensorrt"]["engines"]["text"]["bytes"],
                    manifest_engine_peak_mib=man["tensorrt"]["engines"]["text"]["peak_rss_mb"],
                    weight_bytes=man["files"]["text.onnx.data"]["size"])
         # cwd: `-c` puts the working directory first on sys.path, before PYTHONPATH
-        stdout, tree = run_watched([sys.executable, "-c", _ENGINE_STEP, str(out)], env, a.out,
+        stdout, tree, low = run_watched([sys.executable, "-c", _ENGINE_STEP, str(out)], env, a.out,
                                    reserve, capture=True)
         step = json.loads(stdout.split("RESULT", 1)[1])
         row.update(builder_peak_mib=step["builder_peak_mib"], builder_tree_peak_mib=round(
-            tree / 2**20), fit=True)
+            tree / 2**20), builder_lowest_mem_available_mib=round(low / 2**20), fit=True)
     except DidNotFit as e:
         row.update(fit=False, note=str(e), largest_process_peak_mib=round(_children_peak_mib()))
     finally:

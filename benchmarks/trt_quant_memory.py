@@ -9,7 +9,8 @@ resident set before, the peak (VmHWM) of each phase (the high-water mark is rese
 phases through /proc/self/clear_refs) and the bytes written.
 
     PYTHONPATH=$PWD flock /tmp/g3-bigjob.lock .venv/bin/python benchmarks/trt_quant_memory.py \
-        --size 12b --quant fp8 --tokens 64 --out /tmp/q12b --json benchmarks/results/trt_fp8_12b_memory.json
+        --size 12b --quant fp8 --tokens 64 --out /tmp/q12b \
+        --json benchmarks/results/trt_fp8_12b_memory.json
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from .onnx_quant import _is_linear
 
 
 def _module(init_name: str) -> str:
-    """`model.language_model.layers.3.mlp.up_proj.weight.T` -> `language_model.layers.3.mlp.up_proj`."""
+    """`model.language_model.layers.3.mlp.up_proj.weight.T` ->
+    `language_model.layers.3.mlp.up_proj`."""
     return init_name.removeprefix("model.").removesuffix(".weight.T")
 
 

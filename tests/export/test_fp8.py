@@ -197,7 +197,8 @@ def test_streamed_bytes_equal_direct_numpy(graphs):
             s = amax_n / np.float32(448)
             want = np.clip(w / s[:, None], -448, 448).astype(E4M3).T
             np.testing.assert_array_equal(codes, want.view(np.uint8))
-            np.testing.assert_array_equal(numpy_helper.to_array(inits[f"model.{key}.weight.T.scales"]), s)
+            scales = numpy_helper.to_array(inits[f"model.{key}.weight.T.scales"])
+            np.testing.assert_array_equal(scales, s)
         qkv = max(amax[f"language_model.layers.{layer}.self_attn.{x}_proj"] for x in "qkv")
         (got,) = [numpy_helper.to_array(inits[n]) for n in inits if n in [
             f"language_model.layers.{layer}.self_attn.{x}_proj.input_scale" for x in "qkv"]]
@@ -332,7 +333,8 @@ def test_ort_runs_the_fp8_graph_as_the_fake_quantized_reference(graphs):
 
 @pytest.mark.parametrize("args,match", [
     (["--quant", "fp8", "--target", "trt-rtx", "--calibration", "EMPTY"], "is empty"),
-    (["--quant", "fp8", "--target", "trt-rtx", "--calibration", "LATIN1"], "cannot be read as UTF-8"),
+    (["--quant", "fp8", "--target", "trt-rtx", "--calibration", "LATIN1"],
+     "cannot be read as UTF-8"),
     (["--quant", "int8", "--calibration", "EMPTY"], "option of --quant fp8"),
     (["--quant", "fp8", "--target", "trt-rtx", "--compute-capability", "8.6"],
      "needs compute capability 8.9 or newer"),
