@@ -61,19 +61,23 @@ def test_pack_unpack(bits):
         assert b[0, 0] == ((int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4))
 
 
-def _ort_run(node, inits, feeds):
+def _ort_graph(nodes, inits, feeds):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
     ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
                                          else TensorProto.INT64, list(v.shape))
            for k, v in feeds.items()]
-    g = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
                                             helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, feeds)[0]
+
+
+def _ort_run(node, inits, feeds):
+    return _ort_graph([node], inits, feeds)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -196,21 +200,6 @@ def test_zero_point_layouts():
     np.testing.assert_array_equal(Q.zero_points_nbits(z, 4), [0x21, 0x03, 0x54, 0x06])
     np.testing.assert_array_equal(Q.zero_points_nbits(z, 8), z.reshape(-1))
     assert Q.zero_points_gather(z).shape == (2, 3, 1)
-
-
-def _ort_graph(nodes, inits, feeds):
-    ort = pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper, numpy_helper
-
-    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
-                                         else TensorProto.INT64, list(v.shape))
-           for k, v in feeds.items()]
-    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
-                                            helper.make_opsetid("com.microsoft", 1)], ir_version=10)
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feeds)[0]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
