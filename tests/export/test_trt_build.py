@@ -214,8 +214,6 @@ def test_plugin_graph_mapped_to_reference_gives_reference_tokens(builds, referen
 # The real 270M (slow): build time, engine bytes, peak RSS (printed for BENCHMARKS.md)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("attention", ["plugin", "native"])
 def build_270m(tmp_path: Path, label: str, *args: str) -> dict:
     """`g3export build --size 270m --target trt-rtx *args` in a child; prints build time, engine
     bytes and peak RSS (for BENCHMARKS.md) and returns the manifest."""
@@ -235,6 +233,8 @@ def build_270m(tmp_path: Path, label: str, *args: str) -> dict:
     return man
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["plugin", "native"])
 def test_270m_builds_with_tensorrt_rtx(tmp_path, attention):
     man = build_270m(tmp_path, attention, "--attention", attention)
     e = man["tensorrt"]["engines"]["text"]
