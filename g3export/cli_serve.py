@@ -64,6 +64,9 @@ def serve(build_dir, port, host, max_batch, provider, verbose):
             raise click.ClickException(f"tritonserver exited ({server.proc.returncode}):\n"
                                        f"{server.log_tail()}")
         except KeyboardInterrupt:
-            click.echo("stopping ...", err=True)
-        finally:
+            # stop first, then say so: a write to a stderr nobody reads any more (a full pipe)
+            # must not keep the server running
             server.stop()
+            click.echo("stopped", err=True)
+        finally:
+            server.stop()  # idempotent: after a KeyboardInterrupt it has nothing left to do

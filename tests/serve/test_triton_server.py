@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from .conftest import MAX_CONTEXT, ROOT, assert_gone, load_client, start_server, tree
@@ -113,6 +114,7 @@ def test_serve_cli_stops_on_sigint(tiny_text_build, triton_install):
     p = subprocess.Popen([sys.executable, "-m", "g3export.cli", "serve", str(tiny_text_build),
                           "--port", str(port), "--max-batch", "1"],
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    procs = []
     try:
         line = ""
         deadline = time.monotonic() + 180
@@ -120,6 +122,9 @@ def test_serve_cli_stops_on_sigint(tiny_text_build, triton_install):
             line = p.stderr.readline()
             assert line or p.poll() is None, "g3export serve exited"
         assert f"http://127.0.0.1:{port}" in line
+        # keep reading its stderr, so the child never blocks on a full pipe
+        drain = threading.Thread(target=p.stderr.read, daemon=True)
+        drain.start()
         ids, _ = stream_ids(f"http://127.0.0.1:{port}", {"input_ids": [2, 5], "max_tokens": 3})
         assert len(ids) >= 1
         procs = tree(p.pid)
@@ -134,6 +139,11 @@ def test_serve_cli_stops_on_sigint(tiny_text_build, triton_install):
     finally:
         if p.poll() is None:
             p.kill()
+        for q in procs:  # on a failure too: tritonserver runs in a session of its own
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_generate_endpoint_with_stream_false(tiny_server, reference):
