@@ -145,14 +145,22 @@ _NOT_READ_WHOLE = ("cos_cache", "sin_cache", "zero_points_gather")
 def graph_weight_bytes(onnx_file: Path) -> int:
     """Bytes of every initializer of `onnx_file` that one decode step reads whole (all weights,
     codes, scales and zero points: each is read once per token; the tied table once, by the LM
-    head), read from the graph without loading the data."""
+    head), read from the graph without loading the data. Initializers that name the same bytes
+    of the data file (the lm_head's 2-D view of the tied table, g3export.export.onnx_lm_head; a
+    decode step reads one of them) count once."""
     import onnx
     from onnx import helper
 
-    total = 0
+    total, seen = 0, set()
     for t in onnx.load(str(onnx_file), load_external_data=False).graph.initializer:
         if any(k in t.name for k in _NOT_READ_WHOLE):
             continue
+        ext = {e.key: e.value for e in t.external_data}
+        if ext:
+            where = (ext.get("location"), ext.get("offset"))
+            if where in seen:
+                continue
+            seen.add(where)
         n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
         bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
         total += n * bits // 8 if bits else n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
