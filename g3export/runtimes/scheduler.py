@@ -18,7 +18,9 @@ chunk to its last token. A step is:
    requests are prefilled one after another in order of arrival (the oldest first: lower mean
    time to first token than alternating); the chunk that ends a prompt gives the first token;
 4. ONE decode step runs all rows with `forward` (T = 1, each row at its own position) when any
-   request is decoding.
+   request is decoding; when exactly one is, it runs that row alone with `forward_row` (a
+   one-row step reads the weights as a batch-1 session does: the ONNX Runtime lm_head's one-row
+   kernel, g3export.export.onnx_lm_head, and no work for idle rows).
 So a long prompt is prefilled one chunk per step while the running requests keep decoding, a
 request joins and leaves between decode steps, and nothing waits for a batch to drain.
 
@@ -304,6 +306,16 @@ class Scheduler:
 
     def _decode(self) -> None:
         ids, pos = self._ids, self._pos
+        decoding = [row for row, s in enumerate(self.slots)
+                    if s is not None and s.token is not None]
+        if len(decoding) == 1 and len(self.slots) > 1:  # one row: run it alone
+            (row,) = decoding
+            s = self.slots[row]
+            ids[row, 0] = s.token
+            logits = self.session.forward_row(row, ids[row:row + 1], s.pos)
+            s.pos += 1
+            self._emit(row, int(s.sampler(logits)[0]))
+            return
         for row, s in enumerate(self.slots):
             if s is None:
                 ids[row, 0], pos[row] = 0, 0             # a free row: its slot is free
