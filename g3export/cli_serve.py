@@ -55,6 +55,10 @@ def serve(build_dir, port, host, max_batch, provider, verbose):
 
         def stop(*_):
             raise KeyboardInterrupt
+        # SIGINT too, explicitly: a process started by `cmd &` from a non-interactive shell
+        # (CI scripts, nohup-style launches) inherits SIGINT *ignored*, and Python then installs
+        # no KeyboardInterrupt handler, so Ctrl-C / `kill -INT` would do nothing
+        signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
         try:
             server.start()
