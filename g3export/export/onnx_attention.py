@@ -8,7 +8,11 @@ attributes window (0 = full layer) and scale; outputs out [B,H,T,D] and the two 
 What the emitted subgraph does (one per layer):
 
 * GQA without repeating K/V: q [B,H,T,D] is reshaped (free) to [B,KV,G*T,D] (row g*T+t), so one
-  batched MatMul per KV head covers its G query heads. q is scaled before the product.
+  batched MatMul per KV head covers its G query heads. The scores are one
+  `com.microsoft.FusedMatMul` (transB, alpha = the softmax scale): the kernel ONNX Runtime would
+  fuse a Transpose + MatMul into anyway, with the scale folded in instead of a Mul on q (18
+  kernels less per 270M step; the graph is for ONNX Runtime only, TensorRT has its own
+  translations).
 * Scores, softmax and the probability-weighted sum are computed in fp32 (q, k, v, cache reads are
   Cast to float when the graph is fp16/bf16), then cast back to q's dtype.
 * Old keys and chunk keys are multiplied separately and their scores concatenated (not the keys:
@@ -35,6 +39,18 @@ What the emitted subgraph does (one per layer):
   is untouched: a batch where any row has a start > 0 takes the general path, whose mask hides
   what each row must not see. tests/export/test_onnx.py checks that a first chunk does not read
   the cache (a cache full of NaN leaves its logits unchanged) and that a later chunk does.
+  A first chunk of text only (no image token, whose block mask is not causal) in an fp32 graph
+  goes one step further: `com.microsoft.GroupQueryAttention` on the chunk's q/k/v ([B,T,n*D];
+  no past, seqlens T-1 per row, `local_window_size` = W on sliding layers, `scale`), ONNX
+  Runtime's fused kernel that GenAI runs: on the 270M it cut a 512-token prefill's CPU time by
+  4% (benchmarks/ort_ab.py, BENCHMARKS.md section 1.1). Its window: in ONNX Runtime 1.32's CPU
+  kernel a query sees itself and the W-1 keys before it when local_window_size = W (measured;
+  the parity test past the window, tests/export/test_onnx.py, pins it). fp16/bf16 graphs, the
+  ones built for CUDA, keep the branch below: ORT's CUDA GQA kernel takes fp16/bf16 only and
+  the attention here computes in fp32, so a fp32 GQA would run on the CPU there (an fp32 graph
+  on the CUDA provider does that: correct, slower).
+  A second `If` inside the first-chunk branch picks GQA or the product below; the bias `If`
+  likewise skips building the first chunk's mask for GQA.
   How the branches are built: the translation is traced by the exporter's OpRecorder, which
   appends every node it records to a list; `_if` moves the nodes a branch function recorded
   out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),
@@ -98,6 +114,7 @@ Findings on ONNX Runtime 1.32 CPU (measured here, 2-core machine shared with oth
 
 from __future__ import annotations
 
+import functools
 import math
 
 import onnx_ir as ir
@@ -107,6 +124,47 @@ from onnxscript import opset18 as op
 from ..modeling import attention as _attention  # noqa: F401  (registers torch.ops.g3.attention)
 
 _FLOAT = ir.DataType.FLOAT
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_matmul_op():
+    """com.microsoft.FusedMatMul (alpha * A @ B^T with transB): what ONNX Runtime itself fuses a
+    Transpose + MatMul into, here with the softmax scale as alpha, which saves the Mul on q."""
+    import onnx
+    from onnxscript import values
+
+    fp = onnx.defs.OpSchema.FormalParameter
+    aty = onnx.defs.OpSchema.AttrType
+    schema = onnx.defs.OpSchema(
+        "FusedMatMul", "com.microsoft", 1, inputs=[fp("A", "T"), fp("B", "T")],
+        outputs=[fp("Y", "T")], type_constraints=[("T", ["tensor(float)"], "float")],
+        attributes=[onnx.defs.OpSchema.Attribute("alpha", aty.FLOAT, "alpha"),
+                    onnx.defs.OpSchema.Attribute("transB", aty.INT, "transB")])
+    return values.Op(values.Opset("com.microsoft", 1), "FusedMatMul", schema)
+
+
+@functools.lru_cache(maxsize=None)
+def _gqa_op():
+    """com.microsoft.GroupQueryAttention as an onnxscript Op (onnx has no schema for the contrib
+    domain; this declares the inputs and attributes used here, per ONNX Runtime's ContribOperators
+    documentation). Used without past (a first chunk) and without rotary (RoPE is applied before)."""
+    import onnx
+    from onnxscript import values
+
+    fp = onnx.defs.OpSchema.FormalParameter
+    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
+    aty = onnx.defs.OpSchema.AttrType
+    schema = onnx.defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[fp("query", "T"), fp("key", "T"), fp("value", "T"),
+                fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
+                fp("seqlens_k", "M"), fp("total_sequence_length", "M")],
+        outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float"), ("M", ["tensor(int32)"], "int32")],
+        attributes=[onnx.defs.OpSchema.Attribute(n, t, n) for n, t in (
+            ("num_heads", aty.INT), ("kv_num_heads", aty.INT), ("scale", aty.FLOAT),
+            ("local_window_size", aty.INT))])
+    return values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
 
 
 def _ints(*values: int):
@@ -211,9 +269,11 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             return (op.Slice(k_cache, zero, n_old, axis2),  # [B,KV,L,D]
                     op.Slice(v_cache, zero, n_old, axis2))
 
-    qg = op.Reshape(op.Mul(f32(q), op.Constant(value_float=float(scale))),
-                    _shared(key + ("qshape", kv_heads, head_dim),
-                            lambda: _ints(0, kv_heads, -1, head_dim)))  # [B,KV,G*T,D]
+    qg = op.Reshape(f32(q), _shared(key + ("qshape", kv_heads, head_dim),
+                                    lambda: _ints(0, kv_heads, -1, head_dim)))  # [B,KV,G*T,D]
+
+    def scores(keys):    # scale * qg @ keys^T in one kernel (no Mul on q: see the docstring)
+        return _fused_matmul_op()(qg, f32(keys), alpha=float(scale), transB=1)
 
     # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
     def chunk_ok():      # [B,T,T]: what the chunk's own keys may see (causal | image block, window)
@@ -256,16 +316,46 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     def with_cache(bias):  # softmax over old and new keys together, fp32
         k_old, v_old = old_kv()
-        s_old = op.MatMul(qg, op.Transpose(f32(k_old), perm=[0, 1, 3, 2]))  # [B,KV,G*T,L]
-        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
+        s_old = scores(k_old)                                 # [B,KV,G*T,L]
+        s_new = scores(k)                                     # [B,KV,G*T,T]
         probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
         p_old = op.Slice(probs, zero, n_old, last_axis)      # [B,KV,G*T,L]
         p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
         return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
 
     def chunk_only(bias):  # the chunk's own keys only: a first chunk
-        s_new = op.MatMul(qg, op.Transpose(f32(k), perm=[0, 1, 3, 2]))      # [B,KV,G*T,T]
-        return op.MatMul(op.Softmax(op.Add(s_new, bias), axis=-1), f32(v))  # [B,KV,G*T,D]
+        return op.MatMul(op.Softmax(op.Add(scores(k), bias), axis=-1), f32(v))  # [B,KV,G*T,D]
+
+    # a first chunk of text only, in an fp32 graph: ONNX Runtime's fused GroupQueryAttention
+    # (causal, and the window on sliding layers) on the chunk's q/k/v (module docstring)
+    gqa_ok = q.dtype == _FLOAT
+    if gqa_ok:
+        seqlens = _shared(key + ("gqa_seqlens",), lambda: op.Cast(  # [B] int32: T - 1 per row
+            op.Expand(op.Sub(t_q, one), op.Shape(image_groups, start=0, end=1)), to=ir.DataType.INT32))
+        total = _shared(key + ("gqa_total",), lambda: op.Cast(t_scalar, to=ir.DataType.INT32))
+        text = _shared(key + ("text",), lambda: op.Less(  # no image token in the chunk
+            op.ReduceMax(image_groups, keepdims=0), op.Constant(value_int=0)))
+
+    def chunk_gqa():
+        def bsd(x, n):   # [B,n,T,D] -> [B,T,n*D] (one head: the same bytes, no copy)
+            return op.Reshape(x if n == 1 else op.Transpose(x, perm=[0, 2, 1, 3]),
+                              _ints(0, -1, n * head_dim))
+        o, _, _ = _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), None, None,
+                            seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
+                            scale=float(scale), local_window_size=window if sliding else -1)
+        o = op.Transpose(op.Reshape(o, _ints(0, 0, heads, head_dim)), perm=[0, 2, 1, 3])
+        return op.Reshape(o, _ints(0, kv_heads, -1, head_dim))  # [B,KV,G*T,D] like the others
+
+    def first_bias():
+        if not gqa_ok:
+            return as_bias(chunk_ok())
+        return _if(text, lambda: op.Constant(value_floats=[0.0]),  # unused by the GQA branch
+                   lambda: as_bias(chunk_ok()), "bias_first")
+
+    def first_ctx():
+        if not gqa_ok:
+            return chunk_only(bias)
+        return _if(text, chunk_gqa, lambda: chunk_only(bias), "attention_first")
 
     # Every row starts at 0 (a first chunk): the cache holds nothing this chunk may see, so
     # attend over the chunk only; otherwise over cache + chunk. One `If` per layer kind decides
@@ -273,8 +363,8 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     first = _shared(key + ("first",), lambda: op.Equal(
         op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
     bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
-        first, lambda: as_bias(chunk_ok()), make_bias, "bias"))
-    ctx = _if(first, lambda: chunk_only(bias), lambda: with_cache(bias), "attention")
+        first, first_bias, make_bias, "bias"))
+    ctx = _if(first, first_ctx, lambda: with_cache(bias), "attention")
     out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
                                   lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
     if q.dtype != _FLOAT:

@@ -367,6 +367,45 @@ def _fuse_rotary(m: ir.Model) -> int:
     return fused
 
 
+def _unit_transposes_to_reshape(m: ir.Model) -> int:
+    """Transpose that moves only axes of static size 1 -> Reshape (the same bytes in the same
+    order, so no copy). On the 1-KV-head sizes (270M, 1B) the k/v [B,T,1,D] -> [B,1,T,D]
+    transposes are such: ONNX Runtime's CPU Transpose copies them (9 ms of a 512-token prefill
+    on the 270M, 36 kernels), its Reshape only relabels. The target shape copies a symbolic dim
+    that stays at its index (0) and infers at most one that moves (-1). Returns the number
+    rewritten."""
+    g = m.graph
+    n_done = 0
+    for node in [n for n in g if n.op_type == "Transpose"]:
+        x, y = node.inputs[0], node.outputs[0]
+        perm = node.attributes.get("perm")
+        if x.shape is None or perm is None:
+            continue
+        perm, dims = list(perm.value), list(x.shape.dims)
+        kept = [p for p in perm if dims[p] != 1]
+        if len(perm) != len(dims) or kept != sorted(kept):
+            continue  # a non-unit axis moves: a real transpose
+        target, inferred = [], 0
+        for i, p in enumerate(perm):
+            d = dims[p]
+            if isinstance(d, int):
+                target.append(d)
+            elif p == i:
+                target.append(0)
+            else:
+                target.append(-1)
+                inferred += 1
+        if inferred > 1:
+            continue
+        shape = _int64_initializer(g, f"{y.name}_unit_shape", target)
+        r = ir.node("Reshape", [x, shape])
+        g.insert_before(node, r)
+        _take_over(y, r.outputs[0])
+        g.remove(node, safe=True)
+        n_done += 1
+    return n_done
+
+
 def _drop_unused_initializers(m: ir.Model) -> None:
     g = m.graph
     inputs = set(id(v) for v in g.inputs)

@@ -143,6 +143,8 @@ def plugin_to_reference(model: ir.Model) -> int:
             new.name = name
         g.remove(node, safe=True)
         n += 1
+    if n:  # the translation uses contrib ops (FusedMatMul, GroupQueryAttention)
+        model.opset_imports.setdefault("com.microsoft", 1)
     if n and not plugin_nodes(model) and DOMAIN in model.opset_imports:
         del model.opset_imports[DOMAIN]
     return n
