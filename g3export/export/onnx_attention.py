@@ -269,10 +269,12 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             return (op.Slice(k_cache, zero, n_old, axis2),  # [B,KV,L,D]
                     op.Slice(v_cache, zero, n_old, axis2))
 
-    qg = op.Reshape(f32(q), _shared(key + ("qshape", kv_heads, head_dim),
-                                    lambda: _ints(0, kv_heads, -1, head_dim)))  # [B,KV,G*T,D]
+    qshape = _shared(key + ("qshape", kv_heads, head_dim), lambda: _ints(0, kv_heads, -1, head_dim))
 
-    def scores(keys):    # scale * qg @ keys^T in one kernel (no Mul on q: see the docstring)
+    def grouped_q():     # [B,KV,G*T,D], made in the branch that uses it (GQA's takes q as it is)
+        return op.Reshape(f32(q), qshape)
+
+    def scores(qg, keys):  # scale * qg @ keys^T in one kernel (no Mul on q: see the docstring)
         return _fused_matmul_op()(qg, f32(keys), alpha=float(scale), transB=1)
 
     # ---- the mask, as an additive bias shared by the layers of one kind ----------------------
@@ -316,15 +318,17 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     def with_cache(bias):  # softmax over old and new keys together, fp32
         k_old, v_old = old_kv()
-        s_old = scores(k_old)                                 # [B,KV,G*T,L]
-        s_new = scores(k)                                     # [B,KV,G*T,T]
+        qg = grouped_q()
+        s_old = scores(qg, k_old)                             # [B,KV,G*T,L]
+        s_new = scores(qg, k)                                 # [B,KV,G*T,T]
         probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
         p_old = op.Slice(probs, zero, n_old, last_axis)      # [B,KV,G*T,L]
         p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
         return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
 
     def chunk_only(bias):  # the chunk's own keys only: a first chunk
-        return op.MatMul(op.Softmax(op.Add(scores(k), bias), axis=-1), f32(v))  # [B,KV,G*T,D]
+        probs = op.Softmax(op.Add(scores(grouped_q(), k), bias), axis=-1)
+        return op.MatMul(probs, f32(v))                       # [B,KV,G*T,D]
 
     # a first chunk of text only, in an fp32 graph: ONNX Runtime's fused GroupQueryAttention
     # (causal, and the window on sliding layers) on the chunk's q/k/v (module docstring)
@@ -343,8 +347,9 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         o, _, _ = _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), None, None,
                             seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
                             scale=float(scale), local_window_size=window if sliding else -1)
-        o = op.Transpose(op.Reshape(o, _ints(0, 0, heads, head_dim)), perm=[0, 2, 1, 3])
-        return op.Reshape(o, _ints(0, kv_heads, -1, head_dim))  # [B,KV,G*T,D] like the others
+        # [B,H,T,D], which the Reshape after the If reads like the other branches' [B,KV,G*T,D]
+        # (a Reshape as a branch's output would be a copy: the If's output has its own buffer)
+        return op.Transpose(op.Reshape(o, _ints(0, 0, heads, head_dim)), perm=[0, 2, 1, 3])
 
     def first_bias():
         if not gqa_ok:
@@ -373,10 +378,10 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # ---- the write ---------------------------------------------------------------------------
     # Slots and indices are shared by the layers with the same S. What makes each layer's write
     # wait for its own attention is the update slice: its end is Shape of this layer's attention
-    # product ([B,KV,G*T,D] -> G*T, which Slice clamps to T), so ScatterND's `updates` input
-    # depends on ctx. Its start -S keeps the last min(T, S) rows (a negative start below -T is
+    # product ([B,KV,G*T,D] -> G*T, which Slice clamps to T; [B,H,T,D] from the GQA branch -> T),
+    # so ScatterND's `updates` input depends on ctx. Its start -S keeps the last min(T, S) rows (a negative start below -T is
     # clamped to 0).
-    end_w = op.Shape(ctx, start=2, end=3)                    # [1] G*T, after attention
+    end_w = op.Shape(ctx, start=2, end=3)                    # [1] G*T or T, after attention
     first_w = _shared(key + ("-S", slots), lambda: _ints(-slots))
 
     def make_indices():
