@@ -52,9 +52,8 @@ Graph details that matter for memory and speed (the passes run in this order aft
 * `_fuse_rms_norm`: Gemma's RMSNorm (7 nodes) -> SimplifiedLayerNormalization.
 * For the ONNX Runtime translation only (the TensorRT graphs keep standard ONNX):
   `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding,
-  `_fuse_sibling_matmuls` makes q/k/v (and, in quantized graphs, gate/up) one MatMul each on
-  weights concatenated along N (initializer named "a.T+b.T+...", which verify splits back),
-  followed by a Split, and
+  `_fuse_sibling_matmuls` makes q/k/v and gate/up one MatMul each on weights concatenated along
+  N (initializer named "a.T+b.T+...", which verify splits back), followed by a Split, and
   `_fuse_skip_norm` folds each residual Add into the following norm
   (com.microsoft.SkipSimplifiedLayerNormalization). With these and the attention translation's
   shared additive mask, the 270M's decode step is ~880 ORT kernels instead of ~1170, and
@@ -197,11 +196,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
     if for_ort:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
-        # gate/up fused only where the weights become MatMulNBits: measured on the 270M
-        # (benchmarks/ort_ab.py, 6 rounds), fusing them cost fp32 6% of a prefill's CPU time (the
-        # Split copies [T, 2*intermediate]) and 2% of a decode step, and saved int4 1% of a decode
-        # step (one MatMulNBits over N = 4096 splits across threads better than two of 2048)
-        _fuse_sibling_matmuls(m, gate_up=quant is not None)
+        _fuse_sibling_matmuls(m)
         _fuse_skip_norm(m)
         _unit_transposes_to_reshape(m)
     if quant is not None and quant.scheme == "fp8":

@@ -125,13 +125,12 @@ def _fold_weight_transposes(m: ir.Model) -> None:
         g.initializers.pop(v.name)
 
 
-def _fuse_sibling_matmuls(m: ir.Model, gate_up: bool = True) -> int:
+def _fuse_sibling_matmuls(m: ir.Model) -> int:
     """MatMuls of one input by different 2-D weights (q/k/v projections; gate/up) -> one MatMul by
     the weights concatenated along N, then a Split. Fewer, larger GEMMs: on a CPU decode step every
     MatMul is a thread-pool dispatch over a few MB of weights. The fused initializer is named by its
     parts joined with "+" (in order), so readers of the build (verify) can split it back.
-    gate_up=False leaves the MLP's pair (weights named `...mlp.*`) as two MatMuls (why: the
-    caller, export_text). Returns the number of MatMuls removed."""
+    Returns the number of MatMuls removed."""
     g = m.graph
     removed = 0
     for x in [v for n in g for v in n.outputs]:
@@ -141,8 +140,6 @@ def _fuse_sibling_matmuls(m: ir.Model, gate_up: bool = True) -> int:
             if w is not None and w.const_value is not None and w.shape is not None \
                     and len(w.shape) == 2 and len(list(w.uses())) == 1 and w.name in g.initializers:
                 group.append((node, w))
-        if not gate_up and all(".mlp." in w.name for _, w in group):
-            continue
         if len(group) < 2 or len({w.const_value.dtype for _, w in group}) != 1 \
                 or len({w.shape[0] for _, w in group}) != 1:
             continue
