@@ -5,7 +5,20 @@ The contract is the op's (g3export.modeling.attention): inputs q [B,H,T,D], k/v 
 k_cache/v_cache [B,KV,S,D], start_pos int64 [B] (one start per row), image_groups int64 [B,T];
 attributes window (0 = full layer) and scale; outputs out [B,H,T,D] and the two caches with the chunk written in.
 
-What the emitted subgraph does (one per layer):
+What the emitted subgraph does (one per layer). Its top is one `If` per layer on T == 1, whose
+three outputs are the attention product and the two caches:
+
+* A decode step (T == 1) writes first, then reads: its key and value go to slot start mod S of
+  each row (`ScatterND`, in place, see below), which held position start - S: outside every
+  window on a sliding layer, nothing on a full one, so no read of this step needs the old slot.
+  Then one product over the cache alone (the ring on sliding layers, slots 0..max(start) on full
+  ones), the step's mask as bias, softmax, times the values: per layer 2 ScatterND, Reshape,
+  FusedMatMul, Add, Softmax, MatMul (+ 2 Slices on full layers) where the chunk path below runs
+  ~15 kernels (two score products, Concat, Add, Softmax, two Slices, two MatMuls, Add, then
+  Shape, two update Slices and the two ScatterNDs). On the 270M: ~150 ORT kernels less per
+  decode step, decode CPU time x0.90 (int4) and x0.97 (fp32) step by step against the graph
+  before (benchmarks/ort_ab.py; BENCHMARKS.md section 1.3).
+* Any other chunk (T > 1) reads first, then writes, as described in the rest of this list.
 
 * GQA without repeating K/V: q [B,H,T,D] is reshaped (free) to [B,KV,G*T,D] (row g*T+t), so one
   batched MatMul per KV head covers its G query heads. The scores are one
@@ -68,7 +81,9 @@ What the emitted subgraph does (one per layer):
   ((start-1-s) mod S) (`Range`, `Mod` with fmod=0, i.e. Python's sign rule), visible iff p_s >=
   0 and p_s > pos_q - W. The chunk's own keys get the causal mask, OR'ed with the same-image
   block mask from image_groups, AND'ed with the window on sliding layers. Every query sees at
-  least itself, so no row is all -inf.
+  least itself, so no row is all -inf. A decode step's bias ([B,1,G,L], its branch of the same
+  shared `If`) is over the cache after its write: full layers see slots j <= start_b, a sliding
+  slot holds p_s = start_b - ((start_b - s) mod S), visible iff p_s >= 0 and p_s > start_b - W.
 * The write: the last n = min(T, S) rows of k/v go to slots (pos mod S) with `ScatterND`
   (indices [B,KV,n,3] = (b, kv, slot), slot = (start_b + u) mod S per row). ScatterND rather than ScatterElements: its indices are
   per row, not per element (n*3 instead of n*D integers), it exists from opset 11 (no opset 24
@@ -76,8 +91,9 @@ What the emitted subgraph does (one per layer):
   when the two buffers are the same (what the runtime's I/O binding arranges, see below).
 
 Ordering of read and write. The runtime binds the same buffer to past_key_i (input) and
-present_key_i (output), so the ScatterND writes into the memory the attention reads. Every read
-must therefore run before the write. The graph enforces it by data dependency: the end of the
+present_key_i (output), so the ScatterND writes into the memory the attention reads. In a
+decode step the reads take the ScatterND's output (write first, by data dependency). In a chunk
+every read of the old cache must run before the write. The graph enforces it by data dependency: the end of the
 `updates` slice fed to ScatterND is taken from `Shape` of this layer's attention product
 [B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be
 scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
@@ -85,9 +101,11 @@ so neither the exporter's nor ORT's constant folding can remove it, and the G*T 
 computed one, so shape-merging passes cannot rewire it to q's Shape either. The attention
 product is the output of the layer's `If`, whose else-branch reads the cache (ONNX Runtime counts
 the outer-scope values a subgraph reads as the `If` node's inputs), so the write still follows
-every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks this on the model that ORT
-actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL), and the chunked-prefill
-parity tests would fail if a ring slot were overwritten before it was read.
+every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks both orders on
+the model that ORT actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL;
+`cache_writes_ordered`: every other reader of a cache in the ScatterND's graph is one of its
+ancestors), and the chunked-prefill parity tests would fail if a ring slot were overwritten
+before it was read.
 
 Node count. Masks, slot indices and small constants are identical for every layer of a kind, so
 they are emitted once per graph (memoized on the start_pos/image_groups Values, `reset_shared()`
@@ -105,8 +123,13 @@ Findings on ONNX Runtime 1.32 CPU (measured here, 2-core machine shared with oth
   case; copying the 32768 cache would move ~65 MB, ~2.5 ms at this machine's bandwidth. (The
   higher of those ScatterND figures came from first-touch page faults on lazily zeroed buffers;
   the session now touches its cache pages when it allocates them.)
+* The writes inside the step's `If` are in place too: ONNX Runtime's `If` allocates a branch's
+  outputs in the `If` node's own outputs, which are the bound present_* buffers, so the
+  ScatterND sees one buffer for input and output. Measured after the decode branch landed
+  (benchmarks/ort_inplace.py, 2026-12-02): decode 13.59 ms (7 MB cache) vs 13.62 ms (72 MB),
+  ScatterND 63 vs 65 us per step.
 * ORT_ENABLE_ALL keeps the dependency: in the optimized model every ScatterND's updates still
-  descend from the attention MatMul/Softmax that read the same cache (scatter_inputs_ok()).
+  descend from the attention MatMul/Softmax that read the same cache (cache_writes_ordered()).
   ORT fuses the K Transpose + MatMul into FusedMatMul (transB); the Slice of the full layers'
   valid prefix is a copy of start*D floats per layer, which is the cost growing with the used
   context that the design asks for.
@@ -198,13 +221,14 @@ def _shared(key: tuple, make):
     return _SHARED[key]
 
 
-def _if(cond, then_branch, else_branch, name: str):
-    """`If(cond)` whose branches are recorded from two builder functions, each returning one fp32
-    Value. The exporter's tracer (an onnxscript OpRecorder) appends every node it records to a
-    list; the nodes a branch function records are taken out of that list into the branch's
-    subgraph, which reads the values it needs from the enclosing graph by name (ONNX outer
-    scope). Each branch gets its own constant farm: a Python constant first seen inside a branch
-    must not be reused outside it."""
+def _if(cond, then_branch, else_branch, name: str, dtypes=(_FLOAT,)):
+    """`If(cond)` whose branches are recorded from two builder functions, each returning one Value
+    (or a tuple of them, with `dtypes` giving each output's type). The exporter's tracer (an
+    onnxscript OpRecorder) appends every node it records to a list; the nodes a branch function
+    records are taken out of that list into the branch's subgraph, which reads the values it
+    needs from the enclosing graph by name (ONNX outer scope). Each branch gets its own constant
+    farm: a Python constant first seen inside a branch must not be reused outside it. Values
+    shared between layers (`_shared`) must be made before, in the enclosing graph."""
     import onnxscript.evaluator
 
     tracer = onnxscript.evaluator.default()
@@ -213,9 +237,10 @@ def _if(cond, then_branch, else_branch, name: str):
         n0, farm = len(tracer.nodes), tracer.constant_farm
         tracer.constant_farm = {}
         try:
-            result = build()
+            results = build()
         finally:
             tracer.constant_farm = farm
+        results = results if isinstance(results, tuple) else (results,)
         body = tracer.nodes[n0:]
         del tracer.nodes[n0:]
         for node in body:  # the exporter names only the main graph's values: SSA needs unique ones
@@ -223,11 +248,35 @@ def _if(cond, then_branch, else_branch, name: str):
             node.name = f"{name}_{which}_{n}"
             for i, value in enumerate(node.outputs):
                 value.name = f"{name}_{which}_{n}_{i}"
-        result.dtype = _FLOAT
-        graphs.append(ir.Graph([], [result], nodes=body, name=f"{name}_{which}"))
-    out = op.If(cond, then_branch=graphs[0], else_branch=graphs[1])
-    out.dtype = _FLOAT
-    return out
+        for r, dt in zip(results, dtypes, strict=True):
+            r.dtype = dt
+        graphs.append(ir.Graph([], list(results), nodes=body, name=f"{name}_{which}"))
+    if len(dtypes) == 1:
+        out = op.If(cond, then_branch=graphs[0], else_branch=graphs[1])
+        out.dtype = dtypes[0]
+        return out
+    outs = _if_op(len(dtypes))(cond, then_branch=graphs[0], else_branch=graphs[1])
+    for o, dt in zip(outs, dtypes):
+        o.dtype = dt
+    return tuple(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _if_op(n: int):
+    """ONNX `If` declared with n outputs: the exporter's recorder takes the output count from the
+    schema, and the standard one has a single variadic output."""
+    import onnx
+    from onnxscript import values
+
+    fp = onnx.defs.OpSchema.FormalParameter
+    aty = onnx.defs.OpSchema.AttrType
+    schema = onnx.defs.OpSchema(
+        "If", "", 16, inputs=[fp("cond", "B")], outputs=[fp(f"out{i}", "V") for i in range(n)],
+        type_constraints=[("B", ["tensor(bool)"], "bool"),
+                          ("V", [f"tensor({t})" for t in ("float", "float16", "bfloat16")], "")],
+        attributes=[onnx.defs.OpSchema.Attribute(a, aty.GRAPH, a)
+                    for a in ("then_branch", "else_branch")])
+    return values.Op(values.Opset("", 18), "If", schema)
 
 
 def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int, scale: float):
@@ -362,26 +411,38 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             return chunk_only(bias)
         return _if(text, chunk_gqa, lambda: chunk_only(bias), "attention_first")
 
-    # Every row starts at 0 (a first chunk): the cache holds nothing this chunk may see, so
-    # attend over the chunk only; otherwise over cache + chunk. One `If` per layer kind decides
-    # the bias (shared by the layers) and one per layer the product (see the module docstring).
+    def decode_bias():   # [B,1,G,L] over the cache after this step's write (T = 1)
+        if sliding:      # slot s now holds p_s = start_b - ((start_b - s) mod S); < 0: empty
+            s_idx = op.Range(_int(0), _int(slots), _int(1))  # [S]
+            p = op.Sub(start_col, op.Mod(op.Sub(start_col, s_idx), _int(slots)))  # [B,S]
+            ok = op.And(op.GreaterOrEqual(p, _int(0)),
+                        op.Greater(p, op.Sub(start_col, _int(window))))
+        else:            # slots 0..start_b, this step's key included
+            j = op.Range(_int(0), op.Squeeze(n_dec, zero), _int(1))  # [L]
+            ok = op.LessOrEqual(j, start_col)                # [B,L]
+        return as_bias(op.Unsqueeze(ok, one))                # [B,1,L] -> [B,1,G,L]
+
+    # What each step takes (see the module docstring): T == 1 (a decode step) writes its key
+    # first and attends over the cache alone; otherwise a first chunk (every row at 0) attends
+    # over the chunk only and any other chunk over cache + chunk, and then writes. The masks are
+    # one `If` per layer kind (shared by the layers), the step one `If` per layer, whose outputs
+    # are the attention product and the two caches.
     first = _shared(key + ("first",), lambda: op.Equal(
         op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
+    decode = _shared(key + ("decode",), lambda: op.Equal(t_scalar, _int(1)))
+    if not sliding:
+        n_dec = _shared(key + ("n_dec",), lambda: op.Add(n_old, one))  # [1] max(start) + 1
     bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
-        first, first_bias, make_bias, "bias"))
-    ctx = _if(first, first_ctx, lambda: with_cache(bias), "attention")
-    out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
-                                  lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
-    if q.dtype != _FLOAT:
-        out = op.Cast(out, to=q.dtype)
+        decode, decode_bias, lambda: _if(first, first_bias, make_bias, "bias_chunk"), "bias"))
 
     # ---- the write ---------------------------------------------------------------------------
-    # Slots and indices are shared by the layers with the same S. What makes each layer's write
-    # wait for its own attention is the update slice: its end is Shape of this layer's attention
-    # product ([B,KV,G*T,D] -> G*T, which Slice clamps to T; [B,H,T,D] from the GQA branch -> T),
-    # so ScatterND's `updates` input depends on ctx. Its start -S keeps the last min(T, S) rows (a negative start below -T is
-    # clamped to 0).
-    end_w = op.Shape(ctx, start=2, end=3)                    # [1] G*T or T, after attention
+    # Slots and indices are shared by the layers with the same S (made here, before the If).
+    # In a chunk, what makes the write wait for the attention is the update slice: its end is
+    # Shape of this layer's attention product ([B,KV,G*T,D] -> G*T, which Slice clamps to T;
+    # [B,H,T,D] from the GQA branch -> T), so ScatterND's `updates` input depends on ctx. Its
+    # start -S keeps the last min(T, S) rows (a negative start below -T is clamped to 0). A decode
+    # step writes first: its key goes to slot start mod S, which held position start - S, outside
+    # every window (sliding) or nothing (full), so no read of this step needs the old slot.
     first_w = _shared(key + ("-S", slots), lambda: _ints(-slots))
 
     def make_indices():
@@ -399,55 +460,76 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
                          op.Expand(s_idx4, idx_shape), axis=-1)  # [B,KV,n,3]
 
     indices = _shared(key + ("indices", slots, kv_heads), make_indices)
-    k_upd = op.Slice(k, first_w, end_w, axis2)               # [B,KV,n,D]
-    v_upd = op.Slice(v, first_w, end_w, axis2)
-    if k.dtype != k_cache.dtype:
-        k_upd = op.Cast(k_upd, to=k_cache.dtype)
-        v_upd = op.Cast(v_upd, to=v_cache.dtype)
-    k_new = op.ScatterND(k_cache, indices, k_upd)
-    v_new = op.ScatterND(v_cache, indices, v_upd)
-    return out, k_new, v_new
 
+    def write(k_upd, v_upd):
+        if k.dtype != k_cache.dtype:
+            k_upd = op.Cast(k_upd, to=k_cache.dtype)
+            v_upd = op.Cast(v_upd, to=v_cache.dtype)
+        return op.ScatterND(k_cache, indices, k_upd), op.ScatterND(v_cache, indices, v_upd)
+
+    def decode_step():
+        k_new, v_new = write(k, v)
+        if sliding:
+            k_all, v_all = k_new, v_new                       # [B,KV,S,D]
+        else:
+            k_all = op.Slice(k_new, zero, n_dec, axis2)       # [B,KV,L,D], L = max(start) + 1
+            v_all = op.Slice(v_new, zero, n_dec, axis2)
+        probs = op.Softmax(op.Add(scores(grouped_q(), k_all), bias), axis=-1)
+        return op.MatMul(probs, f32(v_all)), k_new, v_new     # [B,KV,G,D]
+
+    def chunk_step():
+        ctx = _if(first, first_ctx, lambda: with_cache(bias), "attention")
+        end_w = op.Shape(ctx, start=2, end=3)                # [1] G*T or T, after attention
+        return (ctx, *write(op.Slice(k, first_w, end_w, axis2),   # [B,KV,n,D]
+                            op.Slice(v, first_w, end_w, axis2)))
+
+    ctx, k_new, v_new = _if(decode, decode_step, chunk_step, "step",
+                            dtypes=(_FLOAT, k_cache.dtype, v_cache.dtype))
+    out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
+                                  lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
+    if q.dtype != _FLOAT:
+        out = op.Cast(out, to=q.dtype)
+    return out, k_new, v_new
 
 TRANSLATION_TABLE = {torch.ops.g3.attention.default: g3_attention}
 
 
-def scatter_inputs_ok(model_path: str) -> dict[str, bool]:
-    """For an ONNX file (e.g. ORT's optimized model), whether each ScatterND writing a graph output
-    transitively depends (through its indices or updates) on a node that reads the same cache
-    input: the read-before-write rule. A reader is a MatMul/FusedMatMul/Softmax computed from the
-    cache, or an `If` whose branches read it (an `If`'s inputs here include the outer-scope values
-    its subgraphs use, as ONNX Runtime's planner counts them)."""
+def cache_writes_ordered(model_path: str) -> dict[str, bool]:
+    """For an ONNX file (e.g. ORT's optimized model): for every ScatterND that writes a cache input
+    (`past_*`, which the runtime binds to the same buffer as its `present_*`, so the write is in
+    place), in whichever graph it sits (the main graph or an `If` branch, recursively), whether
+    every other node of that graph that reads the same cache (directly, or from its own branches
+    by outer scope, as ONNX Runtime's planner counts an `If`'s inputs) is one of its ancestors,
+    i.e. runs before it. A decode step's branch, which reads only what its ScatterND wrote,
+    passes trivially; a chunk's branch passes by the update slice's dependency on the attention.
+    Keyed by the ScatterND's output name."""
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
-    producer = {o: n for n in m.graph.node for o in n.output}
-    graph_outputs = {o.name for o in m.graph.output}
-    inputs = {id(n): list(n.input) + sorted(_outer_scope_names(n)) for n in m.graph.node}
+    caches = {i.name for i in m.graph.input if i.name.startswith("past_")}
+    result: dict[str, bool] = {}
 
-    def ancestors(name: str) -> set[int]:
-        seen: set[int] = set()
-        stack = [name]
-        while stack:
-            node = producer.get(stack.pop())
-            if node is None or id(node) in seen:
+    def visit(g) -> None:
+        producer = {o: n for n in g.node for o in n.output}
+        inputs = {id(n): list(n.input) + sorted(_outer_scope_names(n)) for n in g.node}
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+        for node in g.node:
+            if node.op_type != "ScatterND" or node.input[0] not in caches:
                 continue
-            seen.add(id(node))
-            stack.extend(i for i in inputs[id(node)] if i)
-        return seen
+            seen: set[int] = set()
+            stack = [i for i in inputs[id(node)] if i]
+            while stack:  # the ScatterND's ancestors in this graph
+                p = producer.get(stack.pop())
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    stack.extend(i for i in inputs[id(p)] if i)
+            readers = [n for n in g.node if n is not node and node.input[0] in inputs[id(n)]]
+            result[node.output[0]] = all(id(r) in seen for r in readers)
 
-    nodes_by_id = {id(n): n for n in m.graph.node}
-    result = {}
-    for node in m.graph.node:
-        if node.op_type != "ScatterND" or node.output[0] not in graph_outputs:
-            continue
-        cache_in = node.input[0]
-        # the write (its indices or updates) must depend on a node that consumes the cache
-        dep = ancestors(node.input[1]) | ancestors(node.input[2])
-        result[node.output[0]] = any(
-            nodes_by_id[i].op_type in ("MatMul", "FusedMatMul", "Softmax", "If")
-            and any(cache_in in _inputs_closure(x, producer, inputs) for x in inputs[i])
-            for i in dep)
+    visit(m.graph)
     return result
 
 
@@ -463,19 +545,4 @@ def _outer_scope_names(node) -> set[str]:
     return used
 
 
-def _inputs_closure(name: str, producer, inputs) -> set[str]:
-    """All graph values `name` is computed from (including itself)."""
-    out = {name}
-    stack = [name]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None:
-            continue
-        for i in inputs[id(node)]:
-            if i and i not in out:
-                out.add(i)
-                stack.append(i)
-    return out
-
-
-__all__ = ["g3_attention", "TRANSLATION_TABLE", "reset_shared", "scatter_inputs_ok"]
+__all__ = ["g3_attention", "TRANSLATION_TABLE", "reset_shared", "cache_writes_ordered"]

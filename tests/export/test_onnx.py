@@ -16,7 +16,7 @@ import torch
 
 from g3export.export.build import build
 from g3export.export.manifest import FORMAT_VERSION, BuildError, load_build
-from g3export.export.onnx_attention import scatter_inputs_ok
+from g3export.export.onnx_attention import cache_writes_ordered
 from g3export.export.onnx_export import initializer_bytes
 from g3export.runtimes.verify import verify
 from g3export.modeling.cache import kv_layout
@@ -247,9 +247,35 @@ def test_write_depends_on_attention(built):
     opt = out.parent / "opt2.onnx"
     ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt)),
                          providers=["CPUExecutionProvider"])
-    deps = scatter_inputs_ok(str(opt))
-    assert len(deps) == 2 * preset("tiny").text.num_hidden_layers
+    deps = cache_writes_ordered(str(opt))
+    # k and v, in the decode branch and in the chunk branch of every layer
+    assert len(deps) == 4 * preset("tiny").text.num_hidden_layers
     assert all(deps.values()), deps
+
+
+def test_cache_write_order_check_fails_on_unordered_write(tmp_path):
+    """cache_writes_ordered flags a write that a read of the same cache does not precede (so the
+    test above can fail), and passes the same graph once the write depends on the read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(ordered: bool):
+        read = helper.make_node("ReduceSum", ["past_key_0"], ["r"], keepdims=1)
+        upd = helper.make_node("Add", ["u", "r" if ordered else "u"], ["upd"])
+        write = helper.make_node("ScatterND", ["past_key_0", "idx", "upd"], ["present_key_0"])
+        g = helper.make_graph(
+            [read, upd, write], "g",
+            [helper.make_tensor_value_info("past_key_0", TensorProto.FLOAT, [1, 1, 4, 2]),
+             helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1, 1, 3]),
+             helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, 1, 1, 2])],
+            [helper.make_tensor_value_info("present_key_0", TensorProto.FLOAT, [1, 1, 4, 2]),
+             helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+        path = tmp_path / f"{ordered}.onnx"
+        onnx.save(helper.make_model(g), str(path))
+        return cache_writes_ordered(str(path))
+
+    assert graph(ordered=False) == {"present_key_0": False}
+    assert graph(ordered=True) == {"present_key_0": True}
 
 
 def test_verify_report(built):
