@@ -10,7 +10,10 @@ three outputs are the attention product and the two caches:
 
 * A decode step (T == 1) writes first, then reads: its key and value go to slot start mod S of
   each row (`ScatterND`, in place, see below), which held position start - S: outside every
-  window on a sliding layer, nothing on a full one, so no read of this step needs the old slot.
+  window on a sliding layer (S >= W), nothing on a full one, so no read of this step needs the
+  old slot. (A position past a full layer's S, i.e. past max_context, which the runtimes refuse
+  but the op defines as a wrap, or a ring shorter than its window, sends the step down the chunk
+  path, which reads before it writes.)
   Then one product over the cache alone (the ring on sliding layers, slots 0..max(start) on full
   ones), the step's mask as bias, softmax, times the values: per layer 2 ScatterND, Reshape,
   FusedMatMul, Add, Softmax, MatMul (+ 2 Slices on full layers) where the chunk path below runs
@@ -429,7 +432,13 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # are the attention product and the two caches.
     first = _shared(key + ("first",), lambda: op.Equal(
         op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
-    decode = _shared(key + ("decode",), lambda: op.Equal(t_scalar, _int(1)))
+    one_token = _shared(key + ("T==1",), lambda: op.Equal(t_scalar, _int(1)))
+    if sliding and slots >= window:  # the slot a step overwrites held a position out of its window
+        decode = one_token
+    else:  # exact only while no position reaches S (past max_context, which the runtime refuses,
+        # a full layer's cache wraps like a ring and its oldest slot is still visible)
+        decode = _shared(key + ("decode", slots), lambda: op.And(
+            one_token, op.Less(op.ReduceMax(start, keepdims=0), _int(slots))))
     if not sliding:
         n_dec = _shared(key + ("n_dec",), lambda: op.Add(n_old, one))  # [1] max(start) + 1
     bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
