@@ -18,9 +18,10 @@ three outputs are the attention product and the two caches:
   ones), the step's mask as bias, softmax, times the values: per layer 2 ScatterND, Reshape,
   FusedMatMul, Add, Softmax, MatMul (+ 2 Slices on full layers) where the chunk path below runs
   ~15 kernels (two score products, Concat, Add, Softmax, two Slices, two MatMuls, Add, then
-  Shape, two update Slices and the two ScatterNDs). On the 270M: ~150 ORT kernels less per
-  decode step, decode CPU time x0.90 (int4) and x0.97 (fp32) step by step against the graph
-  before (benchmarks/ort_ab.py; BENCHMARKS.md section 1.3).
+  Shape, two update Slices and the two ScatterNDs). On the 270M int4 (ORT's profiler): 917 ->
+  724 kernels per decode step, and attention at the kernel time of GenAI's GroupQueryAttention
+  (3.61 vs 3.72 ms); step-by-step CPU time moved within this machine's noise (x0.90-0.99 int4,
+  x0.97-1.03 fp32, benchmarks/ort_ab.py); BENCHMARKS.md section 1.3.
 * Any other chunk (T > 1) reads first, then writes, as described in the rest of this list.
 
 * GQA without repeating K/V: q [B,H,T,D] is reshaped (free) to [B,KV,G*T,D] (row g*T+t), so one
