@@ -132,8 +132,8 @@ Findings on ONNX Runtime 1.32 CPU (measured here, 2-core machine shared with oth
   ScatterND sees one buffer for input and output. Measured after the decode branch landed
   (benchmarks/ort_inplace.py, 2026-12-02): decode 13.59 ms (7 MB cache) vs 13.62 ms (72 MB),
   ScatterND 63 vs 65 us per step.
-* ORT_ENABLE_ALL keeps the dependency: in the optimized model every ScatterND's updates still
-  descend from the attention MatMul/Softmax that read the same cache (cache_writes_ordered()).
+* ORT_ENABLE_ALL keeps the dependency: in the optimized model every chunk branch's ScatterND
+  still descends from the attention that read the same cache (cache_writes_ordered()).
   ORT fuses the K Transpose + MatMul into FusedMatMul (transB); the Slice of the full layers'
   valid prefix is a copy of start*D floats per layer, which is the cost growing with the used
   context that the design asks for.
@@ -153,45 +153,61 @@ from ..modeling import attention as _attention  # noqa: F401  (registers torch.o
 _FLOAT = ir.DataType.FLOAT
 
 
+def _declare(domain: str, name: str, version: int, inputs, outputs, types, attributes):
+    """An onnxscript Op for a node the exporter's recorder must emit with a schema onnx does not
+    have (the contrib ops) or has in a form it cannot count outputs from (`If`). inputs/outputs:
+    names, a trailing "?" marking an optional input, all of type "T" unless given as
+    (name, type); types: {type: [allowed]}; attributes: {name: onnx AttrType name}."""
+    import onnx
+    from onnxscript import values
+
+    schema_cls = onnx.defs.OpSchema
+    optional = schema_cls.FormalParameterOption.Optional
+
+    def param(p):
+        p, t = p if isinstance(p, tuple) else (p, "T")
+        if p.endswith("?"):
+            return schema_cls.FormalParameter(p[:-1], t, param_option=optional)
+        return schema_cls.FormalParameter(p, t)
+
+    schema = schema_cls(
+        name, domain, version, inputs=[param(p) for p in inputs],
+        outputs=[param(p) for p in outputs],
+        type_constraints=[(t, allowed, t) for t, allowed in types.items()],
+        attributes=[schema_cls.Attribute(a, getattr(schema_cls.AttrType, kind), a)
+                    for a, kind in attributes.items()])
+    return values.Op(values.Opset(domain, version if domain else 18), name, schema)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_matmul_op():
     """com.microsoft.FusedMatMul (alpha * A @ B^T with transB): what ONNX Runtime itself fuses a
     Transpose + MatMul into, here with the softmax scale as alpha, which saves the Mul on q."""
-    import onnx
-    from onnxscript import values
-
-    fp = onnx.defs.OpSchema.FormalParameter
-    aty = onnx.defs.OpSchema.AttrType
-    schema = onnx.defs.OpSchema(
-        "FusedMatMul", "com.microsoft", 1, inputs=[fp("A", "T"), fp("B", "T")],
-        outputs=[fp("Y", "T")], type_constraints=[("T", ["tensor(float)"], "float")],
-        attributes=[onnx.defs.OpSchema.Attribute("alpha", aty.FLOAT, "alpha"),
-                    onnx.defs.OpSchema.Attribute("transB", aty.INT, "transB")])
-    return values.Op(values.Opset("com.microsoft", 1), "FusedMatMul", schema)
+    return _declare("com.microsoft", "FusedMatMul", 1, ["A", "B"], ["Y"],
+                    {"T": ["tensor(float)"]}, {"alpha": "FLOAT", "transB": "INT"})
 
 
 @functools.lru_cache(maxsize=None)
 def _gqa_op():
-    """com.microsoft.GroupQueryAttention as an onnxscript Op (onnx has no schema for the contrib
-    domain; this declares the inputs and attributes used here, per ONNX Runtime's ContribOperators
-    documentation). Used without past (a first chunk) and without rotary (RoPE is applied before)."""
-    import onnx
-    from onnxscript import values
+    """com.microsoft.GroupQueryAttention, with the inputs and attributes used here (per ONNX
+    Runtime's ContribOperators documentation). Used without past (a first chunk) and without
+    rotary (RoPE is applied before)."""
+    return _declare(
+        "com.microsoft", "GroupQueryAttention", 1,
+        ["query", "key", "value", "past_key?", "past_value?", ("seqlens_k", "M"),
+         ("total_sequence_length", "M")], ["output", "present_key", "present_value"],
+        {"T": ["tensor(float)"], "M": ["tensor(int32)"]},
+        {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "local_window_size": "INT"})
 
-    fp = onnx.defs.OpSchema.FormalParameter
-    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
-    aty = onnx.defs.OpSchema.AttrType
-    schema = onnx.defs.OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[fp("query", "T"), fp("key", "T"), fp("value", "T"),
-                fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
-                fp("seqlens_k", "M"), fp("total_sequence_length", "M")],
-        outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)"], "float"), ("M", ["tensor(int32)"], "int32")],
-        attributes=[onnx.defs.OpSchema.Attribute(n, t, n) for n, t in (
-            ("num_heads", aty.INT), ("kv_num_heads", aty.INT), ("scale", aty.FLOAT),
-            ("local_window_size", aty.INT))])
-    return values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+@functools.lru_cache(maxsize=None)
+def _if_op(n: int):
+    """ONNX `If` declared with n outputs: the exporter's recorder takes the output count from the
+    schema, and the standard one has a single variadic output."""
+    return _declare("", "If", 16, [("cond", "B")], [f"out{i}" for i in range(n)],
+                    {"B": ["tensor(bool)"],
+                     "T": [f"tensor({t})" for t in ("float", "float16", "bfloat16")]},
+                    {"then_branch": "GRAPH", "else_branch": "GRAPH"})
 
 
 def _ints(*values: int):
@@ -263,24 +279,6 @@ def _if(cond, then_branch, else_branch, name: str, dtypes=(_FLOAT,)):
     for o, dt in zip(outs, dtypes):
         o.dtype = dt
     return tuple(outs)
-
-
-@functools.lru_cache(maxsize=None)
-def _if_op(n: int):
-    """ONNX `If` declared with n outputs: the exporter's recorder takes the output count from the
-    schema, and the standard one has a single variadic output."""
-    import onnx
-    from onnxscript import values
-
-    fp = onnx.defs.OpSchema.FormalParameter
-    aty = onnx.defs.OpSchema.AttrType
-    schema = onnx.defs.OpSchema(
-        "If", "", 16, inputs=[fp("cond", "B")], outputs=[fp(f"out{i}", "V") for i in range(n)],
-        type_constraints=[("B", ["tensor(bool)"], "bool"),
-                          ("V", [f"tensor({t})" for t in ("float", "float16", "bfloat16")], "")],
-        attributes=[onnx.defs.OpSchema.Attribute(a, aty.GRAPH, a)
-                    for a in ("then_branch", "else_branch")])
-    return values.Op(values.Opset("", 18), "If", schema)
 
 
 def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int, scale: float):
@@ -431,15 +429,15 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # over the chunk only and any other chunk over cache + chunk, and then writes. The masks are
     # one `If` per layer kind (shared by the layers), the step one `If` per layer, whose outputs
     # are the attention product and the two caches.
-    first = _shared(key + ("first",), lambda: op.Equal(
-        op.ReduceMax(start, keepdims=0), op.Constant(value_int=0)))
+    max_start = _shared(key + ("max_start",), lambda: op.ReduceMax(start, keepdims=0))  # scalar
+    first = _shared(key + ("first",), lambda: op.Equal(max_start, op.Constant(value_int=0)))
     one_token = _shared(key + ("T==1",), lambda: op.Equal(t_scalar, _int(1)))
     if sliding and slots >= window:  # the slot a step overwrites held a position out of its window
         decode = one_token
     else:  # exact only while no position reaches S (past max_context, which the runtime refuses,
         # a full layer's cache wraps like a ring and its oldest slot is still visible)
         decode = _shared(key + ("decode", slots), lambda: op.And(
-            one_token, op.Less(op.ReduceMax(start, keepdims=0), _int(slots))))
+            one_token, op.Less(max_start, _int(slots))))
     if not sliding:
         n_dec = _shared(key + ("n_dec",), lambda: op.Add(n_old, one))  # [1] max(start) + 1
     bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
