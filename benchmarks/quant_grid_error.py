@@ -1,8 +1,9 @@
 """Relative RMS error of int4 block-32 grids on the real 270M's weights (issue 14): g3export's
 symmetric grid (amax/7), ONNX Runtime's symmetric [-8, 7] grid (scale = the block's signed
 largest-magnitude value / -8: what MatMulNBitsQuantizer, and so GenAI's builder, writes;
-re-implemented here from that definition), and g3export's asymmetric grid, min/max and searched
-(the default). Reads the Hugging Face folder `compare_ort_genai.py --prepare` writes.
+re-implemented here from that definition), g3export's searched [-8, 7] grid
+(`quantize_rows_full`: symmetric int4 for ONNX Runtime), and g3export's asymmetric grid,
+min/max and searched. Reads the Hugging Face folder `compare_ort_genai.py --prepare` writes.
 
     python benchmarks/quant_grid_error.py --hf-dir /work/bench_art/hf270m --layers 3,10 --embed-rows 20000
 """
@@ -34,6 +35,9 @@ def asym(w: np.ndarray, search=Q.SEARCH) -> np.ndarray:
 def grids(w: np.ndarray) -> dict[str, np.ndarray]:
     return {"symmetric (amax/7)": Q.dequantize_rows(*Q.quantize_rows(w, 4, 32), 32),
             "ORT symmetric [-8,7]": ort_symmetric(w),
+            "symmetric [-8,7] searched": Q.dequantize_rows(*Q.quantize_rows_full(w, 4, 32), 32),
+            "symmetric [-8,7] searched, 21 factors": Q.dequantize_rows(*Q.quantize_rows_full(
+                w, 4, 32, tuple(1 - 0.01 * i for i in range(21))), 32),
             "asymmetric min/max": asym(w, (1.0,)),
             "asymmetric searched": asym(w)}
 

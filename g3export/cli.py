@@ -89,8 +89,9 @@ for _command in (run, eval_, serve, triton_repo):  # commands that live in their
                    "tokens, at most --max-context; default: a short public-domain text shipped "
                    "with g3export).")
 @click.option("--quant-symmetric/--quant-asymmetric", "quant_symmetric", default=None,
-              help="int4/int8: symmetric codes, or unsigned codes with a zero point per block "
-                   "(onnx target only). Default: asymmetric for int4 on onnx, else symmetric.")
+              help="int4/int8: symmetric codes (the default), or unsigned codes with a zero "
+                   "point per block (onnx target only: better int4 quality, slower on CPUs "
+                   "without AVX-512).")
 @friendly
 def build(size, checkpoint, target, dtype, max_context, weights, out, force, all_logits,
           components, attention, compute_capabilities, prefill_chunk, max_batch, timing_cache,

@@ -22,7 +22,24 @@ three outputs are the attention product and the two caches:
   724 kernels per decode step, and attention at the kernel time of GenAI's GroupQueryAttention
   (3.61 vs 3.72 ms); step-by-step CPU time moved within this machine's noise (x0.90-0.99 int4,
   x0.97-1.03 fp32, benchmarks/ort_ab.py); BENCHMARKS.md section 1.3.
+  A full layer's step in an fp32 graph is instead one `com.microsoft.GroupQueryAttention` with
+  the cache as past_key/past_value (seqlens_k = start_b per row, total = max(start) + 1, no
+  window): GQA writes the step's key at slot start_b = its position (a full layer's slot is its
+  position) and attends over slots 0..start_b of each row, reading the cache where it lies. Its
+  present outputs are the branch's outputs, which ONNX Runtime allocates in the `If`'s own,
+  i.e. the bound present_* buffers, the same memory as past_*; GQA sees past == present and
+  writes only the new slot (past_present_share_buffer in its CPU kernel). This replaces the
+  two Slices of slots 0..max(start) (a copy of the used context per layer per step, growing
+  with it: 0.43 ms of a 270M int4 step at position ~576 in ORT's profile) and the masked
+  product; the shared decode bias of full layers is then not built at all.
 * Any other chunk (T > 1) reads first, then writes, as described in the rest of this list.
+* The output: every branch returns its product in the order the model's o_proj reads it,
+  [B,T,H,D] (GQA's [B,T,H*D], or a decode step's [B,KV,G,D], the same bytes when T = 1), and
+  the translation returns `Transpose` of that to the op's [B,H,T,D]. The model transposes it
+  straight back (Attention.forward), and onnx_passes._cancel_transposes removes the pair: the
+  GQA paths copy nothing after the attention (they used to transpose GQA's output to [B,H,T,D]
+  and back: 2 of the 4 q-sized Transposes per layer of a 512-token prefill, ~6 ms of 419 ms
+  in ORT's profile on the 270M), and a decode step saves a kernel per layer.
 
 * GQA without repeating K/V: q [B,H,T,D] is reshaped (free) to [B,KV,G*T,D] (row g*T+t), so one
   batched MatMul per KV head covers its G query heads. The scores are one
@@ -99,10 +116,10 @@ present_key_i (output), so the ScatterND writes into the memory the attention re
 decode step the reads take the ScatterND's output (write first, by data dependency). In a chunk
 every read of the old cache must run before the write. The graph enforces it by data dependency: the end of the
 `updates` slice fed to ScatterND is taken from `Shape` of this layer's attention product
-[B,KV,G*T,D] (G*T, which Slice clamps to T), not from q or k, so the ScatterND cannot be
+([B,T,H,D] or [B,T,H*D]: its T), not from q or k, so the ScatterND cannot be
 scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
-so neither the exporter's nor ORT's constant folding can remove it, and the G*T dim is a
-computed one, so shape-merging passes cannot rewire it to q's Shape either. The attention
+so neither the exporter's nor ORT's constant folding can remove it (and the test below checks
+that ORT's optimizer has not rewired it to another value's Shape). The attention
 product is the output of the layer's `If`, whose else-branch reads the cache (ONNX Runtime counts
 the outer-scope values a subgraph reads as the `If` node's inputs), so the write still follows
 every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks both orders on
@@ -321,6 +338,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
                     op.Slice(v_cache, zero, n_old, axis2))
 
     qshape = _shared(key + ("qshape", kv_heads, head_dim), lambda: _ints(0, kv_heads, -1, head_dim))
+    ohead = _shared(key + ("ohead", heads, head_dim), lambda: _ints(0, heads, -1, head_dim))
 
     def grouped_q():     # [B,KV,G*T,D], made in the branch that uses it (GQA's takes q as it is)
         return op.Reshape(f32(q), qshape)
@@ -367,6 +385,9 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     last_axis = _shared(key + ("c3",), lambda: _ints(3))
     n_all = _shared(key + ("n_all", sliding, slots), lambda: op.Add(n_old, t_q))
 
+    def bthd(x):         # [B,KV,G*T,D] -> [B,H,T,D] (free) -> [B,T,H,D]: the layer's output order
+        return op.Transpose(op.Reshape(x, ohead), perm=[0, 2, 1, 3])
+
     def with_cache(bias):  # softmax over old and new keys together, fp32
         k_old, v_old = old_kv()
         qg = grouped_q()
@@ -375,11 +396,11 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         probs = op.Softmax(op.Add(op.Concat(s_old, s_new, axis=-1), bias), axis=-1)
         p_old = op.Slice(probs, zero, n_old, last_axis)      # [B,KV,G*T,L]
         p_new = op.Slice(probs, n_old, n_all, last_axis)     # [B,KV,G*T,T]
-        return op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v)))  # [B,KV,G*T,D]
+        return bthd(op.Add(op.MatMul(p_old, f32(v_old)), op.MatMul(p_new, f32(v))))
 
     def chunk_only(bias):  # the chunk's own keys only: a first chunk
         probs = op.Softmax(op.Add(scores(grouped_q(), k), bias), axis=-1)
-        return op.MatMul(probs, f32(v))                       # [B,KV,G*T,D]
+        return bthd(op.MatMul(probs, f32(v)))
 
     # a first chunk of text only, in an fp32 graph: ONNX Runtime's fused GroupQueryAttention
     # (causal, and the window on sliding layers) on the chunk's q/k/v (module docstring)
@@ -398,9 +419,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         o, _, _ = _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), None, None,
                             seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
                             scale=float(scale), local_window_size=window if sliding else -1)
-        # [B,H,T,D], which the Reshape after the If reads like the other branches' [B,KV,G*T,D]
-        # (a Reshape as a branch's output would be a copy: the If's output has its own buffer)
-        return op.Transpose(op.Reshape(o, _ints(0, 0, heads, head_dim)), perm=[0, 2, 1, 3])
+        return o         # [B,T,H*D]: already in the layer's output order (see `ctx` below)
 
     def first_bias():
         if not gqa_ok:
@@ -438,16 +457,27 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         # a full layer's cache wraps like a ring and its oldest slot is still visible)
         decode = _shared(key + ("decode", slots), lambda: op.And(
             one_token, op.Less(max_start, _int(slots))))
-    if not sliding:
+    # a full layer's decode step in an fp32 graph: GroupQueryAttention over the cache (module
+    # docstring); seqlens_k is start_b per row (the step's key lands at slot start_b) and the
+    # total length max(start) + 1
+    gqa_dec = gqa_ok and not sliding and k_cache.dtype == _FLOAT
+    if gqa_dec:
+        dec_seqlens = _shared(key + ("dec_seqlens",), lambda: op.Cast(start, to=ir.DataType.INT32))
+        dec_total = _shared(key + ("dec_total",), lambda: op.Cast(
+            op.Add(max_start, op.Constant(value_int=1)), to=ir.DataType.INT32))
+    elif not sliding:
         n_dec = _shared(key + ("n_dec",), lambda: op.Add(n_old, one))  # [1] max(start) + 1
-    bias = _shared(key + ("bias", window, slots, groups), lambda: _if(
-        decode, decode_bias, lambda: _if(first, first_bias, make_bias, "bias_chunk"), "bias"))
+
+    def step_bias():     # GQA's decode step needs none
+        return op.Constant(value_floats=[0.0]) if gqa_dec else decode_bias()
+    bias = _shared(key + ("bias", window, slots, groups, gqa_dec), lambda: _if(
+        decode, step_bias, lambda: _if(first, first_bias, make_bias, "bias_chunk"), "bias"))
 
     # ---- the write ---------------------------------------------------------------------------
     # Slots and indices are shared by the layers with the same S (made here, before the If).
     # In a chunk, what makes the write wait for the attention is the update slice: its end is
-    # Shape of this layer's attention product ([B,KV,G*T,D] -> G*T, which Slice clamps to T;
-    # [B,H,T,D] from the GQA branch -> T), so ScatterND's `updates` input depends on ctx. Its
+    # Shape of this layer's attention product (dim 1 of [B,T,H,D], or of GQA's [B,T,H*D]: T),
+    # so ScatterND's `updates` input depends on ctx. Its
     # start -S keeps the last min(T, S) rows (a negative start below -T is clamped to 0). A decode
     # step writes first: its key goes to slot start mod S, which held position start - S, outside
     # every window (sliding) or nothing (full), so no read of this step needs the old slot.
@@ -475,6 +505,16 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             v_upd = op.Cast(v_upd, to=v_cache.dtype)
         return op.ScatterND(k_cache, indices, k_upd), op.ScatterND(v_cache, indices, v_upd)
 
+    def decode_gqa():    # a full layer's step: GQA over the cache itself, written in place
+        def bsd(x, n):   # T == 1: [B,n,1,D] -> [B,1,n*D], the same bytes
+            return op.Reshape(x, _ints(0, 1, n * head_dim))
+        # [B,1,H*D], which the Reshape after the If reads as [B,H,1,D]; the caches come back
+        # as GQA's present outputs, i.e. the If's own (bound) outputs: the same buffers as
+        # k_cache/v_cache, which GQA detects and then writes slot start_b only
+        return _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), k_cache, v_cache,
+                         dec_seqlens, dec_total, num_heads=heads, kv_num_heads=kv_heads,
+                         scale=float(scale), local_window_size=-1)
+
     def decode_step():
         k_new, v_new = write(k, v)
         if sliding:
@@ -487,30 +527,35 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     def chunk_step():
         ctx = _if(first, first_ctx, lambda: with_cache(bias), "attention")
-        end_w = op.Shape(ctx, start=2, end=3)                # [1] G*T or T, after attention
+        end_w = op.Shape(ctx, start=1, end=2)                # [1] T, after attention
         return (ctx, *write(op.Slice(k, first_w, end_w, axis2),   # [B,KV,n,D]
                             op.Slice(v, first_w, end_w, axis2)))
 
-    ctx, k_new, v_new = _if(decode, decode_step, chunk_step, "step",
+    ctx, k_new, v_new = _if(decode, decode_gqa if gqa_dec else decode_step, chunk_step, "step",
                             dtypes=(_FLOAT, k_cache.dtype, v_cache.dtype))
+    # ctx is in the order the layer's o_proj reads, [B,T,H,D] (or [B,T,H*D] from GQA, or, in a
+    # decode step, [B,KV,G,D], the same bytes when T = 1), so that the Transpose to the op's
+    # [B,H,T,D] below meets the model's own transpose back (Attention.forward) and
+    # onnx_passes._cancel_transposes removes both: no copy of the output on the GQA paths.
     out = op.Reshape(ctx, _shared(key + ("oshape", heads, head_dim),
-                                  lambda: _ints(0, heads, -1, head_dim)))  # [B,H,T,D]
+                                  lambda: _ints(0, -1, heads, head_dim)))  # [B,T,H,D]
     if q.dtype != _FLOAT:
         out = op.Cast(out, to=q.dtype)
-    return out, k_new, v_new
+    return op.Transpose(out, perm=[0, 2, 1, 3]), k_new, v_new  # [B,H,T,D]
 
 TRANSLATION_TABLE = {torch.ops.g3.attention.default: g3_attention}
 
 
 def cache_writes_ordered(model_path: str) -> dict[str, bool]:
-    """For an ONNX file (e.g. ORT's optimized model): for every ScatterND that writes a cache input
+    """For an ONNX file (e.g. ORT's optimized model): for every node that writes a cache input
     (`past_*`, which the runtime binds to the same buffer as its `present_*`, so the write is in
-    place), in whichever graph it sits (the main graph or an `If` branch, recursively), whether
+    place: a ScatterND, or a GroupQueryAttention reading it as past; `_cache_writes`), in
+    whichever graph it sits (the main graph or an `If` branch, recursively), whether
     every other node of that graph that reads the same cache (directly, or from its own branches
     by outer scope, as ONNX Runtime's planner counts an `If`'s inputs) is one of its ancestors,
-    i.e. runs before it. A decode step's branch, which reads only what its ScatterND wrote,
-    passes trivially; a chunk's branch passes by the update slice's dependency on the attention.
-    Keyed by the ScatterND's output name."""
+    i.e. runs before it. A decode step's branch, which reads only what its ScatterND wrote (or
+    whose GroupQueryAttention is the only reader), passes trivially; a chunk's branch passes by
+    the update slice's dependency on the attention. Keyed by the writer's output name."""
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
@@ -524,9 +569,7 @@ def cache_writes_ordered(model_path: str) -> dict[str, bool]:
             for attr in node.attribute:
                 for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                     visit(sub)
-        for node in g.node:
-            if node.op_type != "ScatterND" or node.input[0] not in caches:
-                continue
+        for node, cache, written in _cache_writes(g, caches):
             seen: set[int] = set()
             stack = [i for i in inputs[id(node)] if i]
             while stack:  # the ScatterND's ancestors in this graph
@@ -534,11 +577,24 @@ def cache_writes_ordered(model_path: str) -> dict[str, bool]:
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     stack.extend(i for i in inputs[id(p)] if i)
-            readers = [n for n in g.node if n is not node and node.input[0] in inputs[id(n)]]
-            result[node.output[0]] = all(id(r) in seen for r in readers)
+            readers = [n for n in g.node if n is not node and cache in inputs[id(n)]]
+            result[written] = all(id(r) in seen for r in readers)
 
     visit(m.graph)
     return result
+
+
+def _cache_writes(g, caches: set[str]):
+    """(node, cache input, output name) for each in-place write of a cache in graph g: a
+    ScatterND on it, or a GroupQueryAttention with it as past_key/past_value (its present
+    output is the same buffer: a full layer's decode step)."""
+    for node in g.node:
+        if node.op_type == "ScatterND" and node.input[0] in caches:
+            yield node, node.input[0], node.output[0]
+        elif node.op_type == "GroupQueryAttention":
+            for i in (3, 4):
+                if len(node.input) > i and node.input[i] in caches:
+                    yield node, node.input[i], node.output[i - 2]
 
 
 def _outer_scope_names(node) -> set[str]:

@@ -82,9 +82,9 @@ from ..modeling.sources import TensorSource, WeightSource
 from ..modeling.text import Gemma3Model
 from .graph_io import OPSET, ComponentIO, TensorSpec, text_io
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
-from .onnx_passes import (_drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
-                          _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm, _strip_metadata,
-                          _unit_transposes_to_reshape,
+from .onnx_passes import (_cancel_transposes, _drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
+                          _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm, _merge_reshapes,
+                          _strip_metadata, _unit_transposes_to_reshape,
                           _take_over, _tie_lm_head)
 from .stream import attach_recipes, save_with_external_data
 
@@ -198,7 +198,9 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
         _fuse_sibling_matmuls(m)
         _fuse_skip_norm(m)
+        _cancel_transposes(m)
         _unit_transposes_to_reshape(m)
+        _merge_reshapes(m)
     if quant is not None and quant.scheme == "fp8":
         from .onnx_fp8 import fp8_graph
 

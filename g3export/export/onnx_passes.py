@@ -406,6 +406,70 @@ def _unit_transposes_to_reshape(m: ir.Model) -> int:
     return n_done
 
 
+def _cancel_transposes(m: ir.Model) -> int:
+    """Transpose(Transpose(x, p), q) whose permutations compose to the identity -> x. The
+    attention translation returns its [B,H,T,D] output as a Transpose of the [B,T,H,D] its
+    branches compute, and the model transposes it straight back for o_proj
+    (onnx_attention, `ctx`): one Transpose pair per layer. Returns the number removed."""
+    n_done = 0
+    for node in [n for n in m.graph if n.op_type == "Transpose"]:
+        first = node.inputs[0].producer()
+        if first is None or first.op_type != "Transpose" or first.graph is not node.graph:
+            continue
+        p, q = (n.attributes.get("perm") for n in (first, node))
+        if p is None or q is None:
+            continue
+        p, q = list(p.value), list(q.value)
+        if len(p) != len(q) or [p[i] for i in q] != list(range(len(p))):
+            continue
+        y = node.outputs[0]
+        if y.is_graph_output():
+            continue
+        y.replace_all_uses_with(first.inputs[0])
+        m.graph.remove(node, safe=True)
+        if not list(first.outputs[0].uses()) and not first.outputs[0].is_graph_output():
+            m.graph.remove(first, safe=True)
+        n_done += 1
+    return n_done
+
+
+def _merge_reshapes(m: ir.Model) -> int:
+    """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2): ONNX Runtime keeps both (each one kernel
+    launch). They come from _unit_transposes_to_reshape after torch's view (k/v of the 1-KV-head
+    sizes, two per layer) and from the attention's output reshape before the model's view, once
+    _cancel_transposes has removed the Transpose pair between them (one per layer). s2 must be a constant whose 0 entries (copy the input's dim i) copy
+    the same dim from x as from the intermediate: both shapes known there and equal (a named
+    symbolic dim or the same int), or s2 any shape with allowzero=1 (torch's view: a 0 there is
+    a 0, nothing is copied from the input). Returns the number merged."""
+    from onnx_ir.convenience import get_const_tensor
+
+    def dim(v: ir.Value, i: int):
+        if v.shape is None or i >= len(v.shape):
+            return None
+        d = v.shape[i]
+        return d if isinstance(d, int) else d.value  # a SymbolicDim: its name, None if unknown
+
+    n_done = 0
+    for node in [n for n in m.graph if n.op_type == "Reshape"]:
+        first = node.inputs[0].producer()
+        if first is None or first.op_type != "Reshape" or first.graph is not node.graph:
+            continue
+        x, mid = first.inputs[0], first.outputs[0]
+        allowzero = node.attributes.get("allowzero")
+        if not (allowzero is not None and allowzero.value == 1):  # else s2 reads nothing of its input
+            target = get_const_tensor(node.inputs[1])
+            if target is None:
+                continue
+            zeros = [i for i, d in enumerate(target.numpy().tolist()) if d == 0]
+            if any(dim(x, i) is None or dim(x, i) != dim(mid, i) for i in zeros):
+                continue
+        node.replace_input_with(0, x)
+        if not list(mid.uses()) and not mid.is_graph_output():
+            m.graph.remove(first, safe=True)
+        n_done += 1
+    return n_done
+
+
 def _drop_unused_initializers(m: ir.Model) -> None:
     g = m.graph
     inputs = set(id(v) for v in g.inputs)

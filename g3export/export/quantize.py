@@ -16,7 +16,7 @@ signed for ONNX DequantizeLinear), and a block row never depends on another row,
 be quantized row block by row block as it streams (`quantize_rows` on any slice of rows).
 Blocks all-zero get scale 0 (and codes 0): exact.
 
-Asymmetric (`symmetric=False`, int4's default for ONNX Runtime; see below): unsigned codes
+Asymmetric (`symmetric=False`, `--quant-asymmetric`, ONNX Runtime only; see below): unsigned codes
 0..2^bits-1 with one integer zero point z per block, the grid covering the block's [min, max]
 (widened to hold 0, which every such grid does):
 
@@ -34,13 +34,23 @@ On the real 270M's weights (relative RMS error, int4 block 32, `benchmarks/quant
 on two layers and the embedding): symmetric 0.098-0.118, ONNX Runtime's symmetric
 [-8, 7] grid (scale = signed amax / -8, what GenAI's builder writes) 0.085-0.118, min/max
 asymmetric 0.081-0.092, searched asymmetric 0.072-0.087.
+Symmetric int4 for ONNX Runtime (`quantize_rows_full`, int4's default there): all 16 codes
+[-8, 7], no zero point, the scale searched per block (p = the block's signed largest-magnitude
+value, on code -8, times a factor of SEARCH, or p / 7 as above): relative RMS error 0.075-0.100
+on the same weights, below ONNX Runtime's own symmetric grid everywhere.
 Measured on the real 270M (BENCHMARKS §10, `g3export eval`, 600 tokens): int4 block 32, mean
-KL against fp32 0.307 asymmetric (searched; 0.335 with the plain min/max grid) against 0.554
-symmetric, perplexity 28.0 against 37.1 (fp32 20.5), same top-1 68 % against 54 %; ONNX
-Runtime GenAI's int4 build of the same weights: KL 0.508, perplexity 34.2. Hence asymmetric is
-int4's default for ONNX Runtime; int8 stays symmetric by default (its KL is already 0.003, and
-the symmetric int8 grid is the GGUF's own Q8_0 one). The TensorRT DequantizeLinear path is
-symmetric only (TensorRT's weight-only GEMMs take no zero point).
+KL against fp32 0.488 for this searched [-8, 7] grid, 0.307 asymmetric (searched; 0.335 with
+the plain min/max grid), 0.554 symmetric amax/7; perplexity 34.6, 28.0, 37.1 (fp32 20.5); ONNX
+Runtime GenAI's int4 build of the same weights: KL 0.508, perplexity 34.2. Asymmetric is the
+better grid, but its MatMulNBits reads zero points, and on a CPU without AVX-512 (the AMD EPYC
+of 2026-12-02, AVX2 only) that kernel took 1.22x the symmetric one's time (ORT's profiler,
+decode step of the 270M: 19.1 vs 15.7 ms over the 73 MatMulNBits), the decode 0.86x GenAI
+int4's against 0.98x symmetric (benchmarks/compare_ort_genai.py, BENCHMARKS section 1.4); on an
+AVX-512 machine the two were equally fast. Hence int4's default for ONNX Runtime is symmetric:
+GenAI's speed at a KL no worse than GenAI's, with `--quant-asymmetric` the quality option.
+int8 stays on quantize_rows' amax/127 grid (its KL is already 0.003, and that is the GGUF's
+own Q8_0 grid). The TensorRT DequantizeLinear path is quantize_rows (positive scales, no zero
+point: TensorRT's weight-only GEMMs take none).
 
 Layouts (functions named after what reads them):
 
@@ -81,7 +91,6 @@ BLOCKS = (32, 64, 128)
 WEIGHT_ONLY = {"int4": 4, "int8": 8}
 SCHEMES = (*WEIGHT_ONLY, "fp8")
 DEFAULT_BLOCK = 32
-DEFAULT_ASYMMETRIC = ("int4",)  # schemes quantized with zero points unless told otherwise
 
 
 class QuantError(UserError, ValueError):
@@ -103,9 +112,9 @@ class QuantScheme:
     symmetric: bool | None = None  # None: the default of the scheme and target (`resolve`)
 
     def resolve(self, target: str) -> "QuantScheme":
-        """The scheme with `symmetric` decided: int4 for ONNX Runtime asymmetric (measured, module
-        docstring), int8 and every TensorRT form symmetric. An explicit asymmetric request for a
-        TensorRT target is a QuantError (its DequantizeLinear path takes no zero point)."""
+        """The scheme with `symmetric` decided: symmetric unless asked (int4's choice measured,
+        module docstring). An explicit asymmetric request for a TensorRT target is a QuantError
+        (its DequantizeLinear path takes no zero point)."""
         from dataclasses import replace
 
         if self.scheme not in WEIGHT_ONLY:
@@ -116,7 +125,7 @@ class QuantScheme:
                                  "MatMulNBits); the TensorRT targets quantize symmetrically")
             return replace(self, symmetric=True)
         if self.symmetric is None:
-            return replace(self, symmetric=self.scheme not in DEFAULT_ASYMMETRIC)
+            return replace(self, symmetric=True)
         return self
 
     @property
@@ -244,6 +253,37 @@ def quantize_rows(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.
 SEARCH = tuple(1 - 0.015 * i for i in range(10))
 
 
+def quantize_rows_full(w: np.ndarray, bits: int, block: int, search=SEARCH
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (signed codes int8 [N, K] in [-2^(bits-1), 2^(bits-1) - 1], scales
+    float32 [N, K/block], of either sign): the symmetric grid over all 2^bits codes, for ONNX
+    Runtime's MatMulNBits without zero points (int4's default there; module docstring). Per
+    block, with p its signed largest-magnitude value, the scale is the candidate of least
+    squared error among p / -2^(bits-1) * f for f in `search` (p on the code -8 and the grid
+    reaching one step further on p's side: f = 1 is ONNX Runtime's / GenAI's own grid) and
+    p / (2^(bits-1) - 1) (quantize_rows' grid, so the block error is never above its). Rows are
+    independent."""
+    _check(w, bits, block)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    n, k = w.shape
+    wb = np.asarray(w, dtype=np.float32).reshape(n, k // block, block)
+    peak = np.take_along_axis(wb, np.abs(wb).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    best = None
+    for scales in [peak / np.float32(lo) * np.float32(f) for f in search] + [peak / np.float32(hi)]:
+        scales = scales.astype(np.float32)
+        safe = np.where(scales != 0, scales, np.float32(1))
+        q = np.clip(np.rint(wb / safe[:, :, None]), lo, hi)
+        err = np.square(q * scales[:, :, None] - wb).sum(axis=2)
+        if best is None:
+            best = [q, scales, err]
+            continue
+        better = err < best[2]
+        best[0] = np.where(better[:, :, None], q, best[0])
+        best[1] = np.where(better, scales, best[1])
+        best[2] = np.where(better, err, best[2])
+    return best[0].astype(np.int8).reshape(n, k), best[1]
+
+
 def _asym_grid(wb: np.ndarray, lo: np.ndarray, scales: np.ndarray, top: int):
     safe = np.where(scales > 0, scales, np.float32(1))
     zero = np.clip(np.rint(-lo / safe), 0, top)
@@ -333,7 +373,7 @@ def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -
     symmetric=False a third array, the zero points (`zero_points_nbits`), its fourth input."""
     n, k = w.shape
     if symmetric:
-        q, scales = quantize_rows(w, bits, block)
+        q, scales = (quantize_rows_full if bits == 4 else quantize_rows)(w, bits, block)
         return pack_unsigned(q, bits).reshape(n, k // block, block * bits // 8), scales
     u, scales, zero = quantize_rows_asym(w, bits, block)
     return (pack_codes(u, bits).reshape(n, k // block, block * bits // 8), scales,

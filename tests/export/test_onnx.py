@@ -108,11 +108,19 @@ def test_one_kv_head_first_chunk_and_transposes(tmp_path):
     graph = onnx.load(str(out / "text.onnx"), load_external_data=False).graph
     layers = cfg.text.num_hidden_layers
     main_ops = [n.op_type for n in graph.node]
-    # per layer: q's [B,T,H,D] -> [B,H,T,D] and the output's way back; k and v are Reshapes now
-    assert main_ops.count("Transpose") == 2 * layers + 1  # + the embedding lookup's
+    # per layer: q's [B,T,H,D] -> [B,H,T,D]; k and v are Reshapes now, and the output's way
+    # back cancels the translation's own transpose (onnx_passes._cancel_transposes)
+    assert main_ops.count("Transpose") == layers + 1  # + the embedding lookup's
+    # and torch's view before each is merged into it (onnx_passes._merge_reshapes)
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    assert not [n for n in graph.node if n.op_type == "Reshape" and made_by.get(n.input[0]) == "Reshape"]
     inner = _branch_ops(graph)
-    assert inner.count("GroupQueryAttention") == layers
-    assert inner.count("Transpose") == 2 * layers  # q in, output out of GQA; k, v: none
+    # every layer's first chunk, and each full layer's decode step (over its cache, in place)
+    full = cfg.text.layer_types.count("full_attention")
+    assert full > 0
+    assert inner.count("GroupQueryAttention") == layers + full
+    # GQA's q in; the other chunk branches' outputs to [B,T,H,D]; k, v and GQA's output: none
+    assert inner.count("Transpose") == 3 * layers
     sess = OrtSession.from_build(out, batch=2)
     ref = TorchSession(model, MAX_CONTEXT, batch=2)
     prompt = np.random.default_rng(3).integers(0, 512, (2, 40))
@@ -248,21 +256,29 @@ def test_write_depends_on_attention(built):
     ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt)),
                          providers=["CPUExecutionProvider"])
     deps = cache_writes_ordered(str(opt))
-    # k and v, in the decode branch and in the chunk branch of every layer
+    # k and v, in the decode branch (a ScatterND, or GQA's in-place present on full layers) and
+    # in the chunk branch of every layer
     assert len(deps) == 4 * preset("tiny").text.num_hidden_layers
     assert all(deps.values()), deps
 
 
-def test_cache_write_order_check_fails_on_unordered_write(tmp_path):
+@pytest.mark.parametrize("writer", ["ScatterND", "GroupQueryAttention"])
+def test_cache_write_order_check_fails_on_unordered_write(tmp_path, writer):
     """cache_writes_ordered flags a write that a read of the same cache does not precede (so the
-    test above can fail), and passes the same graph once the write depends on the read."""
+    test above can fail), and passes the same graph once the write depends on the read; for both
+    kinds of in-place writer (a ScatterND on the cache, a GQA with it as past_key)."""
     import onnx
     from onnx import TensorProto, helper
 
     def graph(ordered: bool):
         read = helper.make_node("ReduceSum", ["past_key_0"], ["r"], keepdims=1)
         upd = helper.make_node("Add", ["u", "r" if ordered else "u"], ["upd"])
-        write = helper.make_node("ScatterND", ["past_key_0", "idx", "upd"], ["present_key_0"])
+        if writer == "ScatterND":
+            write = helper.make_node("ScatterND", ["past_key_0", "idx", "upd"], ["present_key_0"])
+        else:  # outputs: attention, present_key (the cache's buffer), present_value
+            write = helper.make_node(
+                "GroupQueryAttention", ["upd", "upd", "upd", "past_key_0", "", "idx", "idx"],
+                ["o", "present_key_0", "pv"], domain="com.microsoft", num_heads=1, kv_num_heads=1)
         g = helper.make_graph(
             [read, upd, write], "g",
             [helper.make_tensor_value_info("past_key_0", TensorProto.FLOAT, [1, 1, 4, 2]),

@@ -58,8 +58,8 @@ def _transposed(quant):
 
 
 # build name -> (scheme, symmetric, the quantizer its weights should equal)
-SCHEMES = {"int4": ("int4", None, Q.quantize_rows_asym),      # int4's default: zero points
-           "int4-sym": ("int4", True, Q.quantize_rows),
+SCHEMES = {"int4": ("int4", None, Q.quantize_rows_full),      # int4's default: [-8, 7] searched
+           "int4-asym": ("int4", False, Q.quantize_rows_asym),   # zero points
            "int8": ("int8", None, Q.quantize_rows)}
 
 
@@ -121,18 +121,18 @@ def test_manifest_and_graph(builds):
     man = json.loads((builds["int4"] / "manifest.json").read_text())
     q = man["quantization"]
     assert (q["scheme"], q["bits"], q["block"], q["embedding"]) == ("int4", 4, 32, True)
-    assert (q["symmetric"], q["zero_points"]) == (False, True)  # int4's default
-    sym = json.loads((builds["int4-sym"] / "manifest.json").read_text())["quantization"]
-    assert (sym["symmetric"], sym["zero_points"]) == (True, False)
+    assert (q["symmetric"], q["zero_points"]) == (True, False)  # int4's default
+    asym = json.loads((builds["int4-asym"] / "manifest.json").read_text())["quantization"]
+    assert (asym["symmetric"], asym["zero_points"]) == (False, True)
     assert man["components"]["text"]["options"]["quantization"] == {"linear": 12 + 12,
                                                                     "embedding": 1}
-    g = onnx.load(str(builds["int4"] / "text.onnx"), load_external_data=False).graph
+    g = onnx.load(str(builds["int4-asym"] / "text.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in g.node]
     assert ops.count("MatMulNBits") == 25 and ops.count("GatherBlockQuantized") == 1
     # every quantized op reads its zero points (the fourth input)
     assert all(len(n.input) == 4 and n.input[3] for n in g.node
                if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
-    g = onnx.load(str(builds["int4-sym"] / "text.onnx"), load_external_data=False).graph
+    g = onnx.load(str(builds["int4"] / "text.onnx"), load_external_data=False).graph
     assert all(len(n.input) == 3 for n in g.node
                if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
     # and `inspect` says which
@@ -140,9 +140,10 @@ def test_manifest_and_graph(builds):
 
     from g3export.cli import main
 
-    out = {k: CliRunner().invoke(main, ["inspect", str(builds[k])]).output for k in ("int4", "int4-sym")}
-    assert "quantization: int4 block=32  asymmetric (zero points)" in out["int4"]
-    assert "quantization: int4 block=32  symmetric  quantized" in out["int4-sym"]
+    out = {k: CliRunner().invoke(main, ["inspect", str(builds[k])]).output
+           for k in ("int4", "int4-asym")}
+    assert "quantization: int4 block=32  asymmetric (zero points)" in out["int4-asym"]
+    assert "quantization: int4 block=32  symmetric  quantized" in out["int4"]
     # no float copy of a quantized weight is left
     assert not [t.name for t in g.initializer if t.name.endswith("proj.weight.T")
                 or t.name.endswith("embed_tokens.weight.T")]

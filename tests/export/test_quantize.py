@@ -88,7 +88,9 @@ def test_layouts_match_onnxruntime_kernels(bits):
     n, k, block = 48, 128, 32
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    wq = Q.dequantize_rows(*Q.quantize_rows(w, bits, block), block)
+    # symmetric int4 for ONNX Runtime: the searched full-range grid; int8: amax/127
+    wq = Q.dequantize_rows(*(Q.quantize_rows_full if bits == 4 else Q.quantize_rows)(
+        w, bits, block), block)
     b, s = Q.matmul_nbits(w, bits, block)
     assert b.shape == (n, k // block, block * bits // 8)
     node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=k,
@@ -195,6 +197,49 @@ def test_asymmetric_round_trip_within_half_a_step(bits, block):
     np.testing.assert_array_equal(z2, zs[3:9])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_range_symmetric_grid(bits):
+    """quantize_rows_full: codes over all 2^bits levels, per block the scale of least squared
+    error among its candidates, checked block by block against a direct loop over them; never
+    a larger block error than quantize_rows' amax/qmax grid or than ONNX Runtime's own
+    (GenAI's) p / -2^(bits-1) grid; negative scales where p is positive."""
+    rng = np.random.default_rng(11 + bits)
+    block = 32
+    w = (rng.standard_normal((10, 128)) * rng.uniform(0.01, 3, (10, 1))).astype(np.float32)
+    w[1, :block] = 0                                      # all zero: exact
+    w[3, 5] = 40.0                                        # a positive outlier
+    w[4, 40] = -40.0                                      # a negative one
+    q, s = Q.quantize_rows_full(w, bits, block)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    assert q.dtype == np.int8 and q.min() >= lo and q.max() <= hi and s.shape == (10, 4)
+    got = Q.dequantize_rows(q, s, block)
+    assert np.all(got[1, :block] == 0)
+
+    def berr(x):
+        return np.square(x - w).reshape(10, -1, block).sum(axis=2)
+
+    for n in range(10):
+        for b in range(4):
+            blk = w[n, b * block:(b + 1) * block]
+            p = blk[np.abs(blk).argmax()]
+            cands = [p / lo * f for f in Q.SEARCH] + [p / hi]
+            errs = [np.square(np.clip(np.rint(blk / c), lo, hi) * c - blk).sum() if c else 0.0
+                    for c in np.float32(cands)]
+            assert berr(got)[n, b] <= min(errs) * (1 + 1e-5) + 1e-12
+            assert np.min(np.abs(np.float32(cands) - s[n, b])) <= 1e-6 * abs(p) + 1e-30
+    assert np.all(berr(got) <= berr(Q.dequantize_rows(*Q.quantize_rows(w, bits, block), block))
+                  * (1 + 1e-5) + 1e-12)
+    peak = np.take_along_axis(w.reshape(10, -1, block),
+                              np.abs(w.reshape(10, -1, block)).argmax(2)[..., None], 2)[..., 0]
+    ort = np.where(peak != 0, peak / lo, 1).astype(np.float32)  # ONNX Runtime's quantizer's grid
+    ort_q = np.clip(np.rint(w.reshape(10, -1, block) / ort[..., None]), lo, hi)
+    assert np.all(berr(got) <= berr((ort_q * ort[..., None]).reshape(10, -1)) * (1 + 1e-5) + 1e-12)
+    assert s[3, 0] < 0 < s[4, 1]  # the outlier's side gets the extra step (code -8)
+    q2, s2 = Q.quantize_rows_full(w[2:7], bits, block)  # rows are independent
+    np.testing.assert_array_equal(q2, q[2:7])
+    np.testing.assert_array_equal(s2, s[2:7])
+
+
 def test_zero_point_layouts():
     z = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)  # 3 blocks per row: each row padded
     np.testing.assert_array_equal(Q.zero_points_nbits(z, 4), [0x21, 0x03, 0x54, 0x06])
@@ -241,11 +286,12 @@ def test_zero_point_layouts_match_onnxruntime_kernels(bits, block):
 
 
 def test_resolve_symmetric_default():
-    assert Q.QuantScheme("int4", 32).resolve("onnx").symmetric is False
+    assert Q.QuantScheme("int4", 32).resolve("onnx").symmetric is True
     assert Q.QuantScheme("int8", 32).resolve("onnx").symmetric is True
     assert Q.QuantScheme("int4", 32).resolve("trt-rtx").symmetric is True
     assert Q.QuantScheme("int4", 32, symmetric=True).resolve("onnx").symmetric is True
     with pytest.raises(Q.QuantError, match="--target onnx"):
         Q.QuantScheme("int4", 32, symmetric=False).resolve("trt")
-    d = Q.QuantScheme("int4", 32).resolve("onnx").to_dict()
+    assert Q.QuantScheme("int4", 32, symmetric=False).resolve("onnx").symmetric is False
+    d = Q.QuantScheme("int4", 32, symmetric=False).resolve("onnx").to_dict()
     assert (d["symmetric"], d["zero_points"]) == (False, True)
