@@ -85,6 +85,11 @@ three outputs are the attention product and the two caches:
   on the CUDA provider does that: correct, slower).
   A second `If` inside the first-chunk branch picks GQA or the product below; the bias `If`
   likewise skips building the first chunk's mask for GQA.
+  Measured and not kept: letting GQA also write a sliding layer's first chunk (the ring as its
+  past_key/past_value, T <= S so slot = position; present is the ring's buffer) in place of
+  the update Slices and ScatterNDs: a 512-token prefill took x1.046 and x1.013 the CPU time
+  (benchmarks/ort_ab.py, 2026-12-02, AVX2 EPYC); ORT's profiler put GQA with a past at ~1.3x
+  its time without one.
   How the branches are built: the translation is traced by the exporter's OpRecorder, which
   appends every node it records to a list; `_if` moves the nodes a branch function recorded
   out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),

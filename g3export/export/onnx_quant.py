@@ -26,7 +26,7 @@ Per target (`form`):
   Squeeze becomes GatherBlockQuantized(B, ids, Unsqueeze(scales)) on the lm_head's own B viewed
   as [vocab, K/block, block*bits/8] with quantize_axis 2, then a Reshape to [.., hidden]: one
   quantized copy of the 262144-row table on disk, used twice. Asymmetric (scheme.symmetric
-  False, int4's default): MatMulNBits' fourth input holds the zero points (packed two per byte),
+  False, `--quant-asymmetric`): MatMulNBits' fourth input holds the zero points (packed two per byte),
   GatherBlockQuantized's fourth its own copy of them one per byte (what the op reads with
   quantize_axis 2: 5 MB for the 270M's table, beside the 84 MB of codes they share).
 * "dq" (TensorRT, TensorRT-RTX): MatMul(x, DequantizeLinear(q [K, N], scales [K/block, N],
