@@ -31,7 +31,12 @@ three outputs are the attention product and the two caches:
   writes only the new slot (past_present_share_buffer in its CPU kernel). This replaces the
   two Slices of slots 0..max(start) (a copy of the used context per layer per step, growing
   with it: 0.43 ms of a 270M int4 step at position ~576 in ORT's profile) and the masked
-  product; the shared decode bias of full layers is then not built at all.
+  product; the shared decode bias of full layers is then not built at all. Run WITHOUT that
+  binding (past and present separate buffers), GQA zeroes present and copies each row's slots
+  0..start_b-1 before writing, so the returned full-layer cache holds zeros past each row's
+  position instead of the input's stale slots: slots no step reads before writing them, but
+  not bit-equal to the op's reference, and a copy of the whole cache per step.
+  tests/export/test_rows.py runs the graph bound in place, as g3export.runtimes.ort_session does.
 * Any other chunk (T > 1) reads first, then writes, as described in the rest of this list.
 * The output: every branch returns its product in the order the model's o_proj reads it,
   [B,T,H,D] (GQA's [B,T,H*D], or a decode step's [B,KV,G,D], the same bytes when T = 1), and

@@ -77,6 +77,25 @@ def test_parity_with_eager(built, prompt_len, chunks):
     assert ta2 == ta[:3]
 
 
+def test_fp16_graph_parity(tmp_path):
+    """An fp16 graph for ONNX Runtime (the CUDA builds' dtype; ORT's CPU kernels run it too)
+    takes the attention's non-GQA branches and casts their output before the Transpose that
+    cancels with the model's own (onnx_attention, `ctx`): its logits follow the fp32 eager
+    model to fp16 precision over chunks past the window, then greedy decode, same tokens."""
+    torch.manual_seed(0)
+    model = Gemma3Model(preset("tiny")).eval()
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"model": "dummy"}')
+    out = build(model, tok, tmp_path / "fp16", max_context=MAX_CONTEXT, progress=False,
+                dtype="fp16")
+    prompt = np.random.default_rng(5).integers(0, 512, (1, 40))
+    assert prompt.shape[1] > preset("tiny").text.sliding_window
+    a, ta = _greedy_run(OrtSession.from_build(out), prompt, [5, 11, 24], 12)
+    b, tb = _greedy_run(TorchSession(model, MAX_CONTEXT), prompt, [5, 11, 24], 12)
+    assert ta == tb
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 0.1
+
+
 def _branch_ops(graph) -> list[str]:
     """Op types of every node inside the If branches of `graph` (an onnx GraphProto), nested too."""
     ops = []
