@@ -58,7 +58,10 @@ Graph details that matter for memory and speed (the passes run in this order aft
   (com.microsoft.SkipSimplifiedLayerNormalization). With these and the attention translation's
   shared additive mask, the 270M's decode step is ~880 ORT kernels instead of ~1170, and
   measured side by side on 2 vCPUs its decode went from 0.91-1.02x to 1.09-1.22x ONNX Runtime
-  GenAI's (BENCHMARKS.md section 1).
+  GenAI's (BENCHMARKS.md section 1). Then `_cancel_transposes` removes the Transpose pair
+  around each attention output (the translation returns o_proj's order, onnx_attention),
+  `_unit_transposes_to_reshape` turns transposes of size-1 axes into Reshapes and
+  `_merge_reshapes` folds the Reshape chains these leave.
 * The onnxscript optimizer is NOT run: on the tiny model it adds ~16 s to the export, and all it
   does that matters here is done by the passes above; ORT applies its own graph optimizations
   (ORT_ENABLE_ALL) at session start. The passes are hand-written on onnx_ir because each is a
@@ -82,10 +85,10 @@ from ..modeling.sources import TensorSource, WeightSource
 from ..modeling.text import Gemma3Model
 from .graph_io import OPSET, ComponentIO, TensorSpec, text_io
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
-from .onnx_passes import (_cancel_transposes, _drop_unused_initializers, _fold_weight_transposes, _fuse_rms_norm,
-                          _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm, _merge_reshapes,
-                          _strip_metadata, _unit_transposes_to_reshape,
-                          _take_over, _tie_lm_head)
+from .onnx_passes import (_cancel_transposes, _drop_unused_initializers, _fold_weight_transposes,
+                          _fuse_rms_norm, _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm,
+                          _merge_reshapes, _strip_metadata, _take_over, _tie_lm_head,
+                          _unit_transposes_to_reshape)
 from .stream import attach_recipes, save_with_external_data
 
 __all__ = ["OPSET", "IR_VERSION", "TensorSpec", "ComponentIO", "text_io", "export_text",

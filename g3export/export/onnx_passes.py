@@ -437,10 +437,11 @@ def _merge_reshapes(m: ir.Model) -> int:
     """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2): ONNX Runtime keeps both (each one kernel
     launch). They come from _unit_transposes_to_reshape after torch's view (k/v of the 1-KV-head
     sizes, two per layer) and from the attention's output reshape before the model's view, once
-    _cancel_transposes has removed the Transpose pair between them (one per layer). s2 must be a constant whose 0 entries (copy the input's dim i) copy
-    the same dim from x as from the intermediate: both shapes known there and equal (a named
-    symbolic dim or the same int), or s2 any shape with allowzero=1 (torch's view: a 0 there is
-    a 0, nothing is copied from the input). Returns the number merged."""
+    _cancel_transposes has removed the Transpose pair between them (one per layer). s2 must be
+    a constant whose 0 entries (copy the input's dim i) copy the same dim from x as from the
+    intermediate (both shapes known there and equal: a named symbolic dim or the same int), or
+    any shape with allowzero=1 (torch's view: a 0 there is a 0, nothing is copied from the
+    input). Returns the number merged."""
     from onnx_ir.convenience import get_const_tensor
 
     def dim(v: ir.Value, i: int):
@@ -456,7 +457,7 @@ def _merge_reshapes(m: ir.Model) -> int:
             continue
         x, mid = first.inputs[0], first.outputs[0]
         allowzero = node.attributes.get("allowzero")
-        if not (allowzero is not None and allowzero.value == 1):  # else s2 reads nothing of its input
+        if not (allowzero is not None and allowzero.value == 1):  # else s2 reads nothing of x
             target = get_const_tensor(node.inputs[1])
             if target is None:
                 continue
