@@ -162,8 +162,8 @@ Findings on ONNX Runtime 1.32 CPU (measured here, 2-core machine shared with oth
 * ORT_ENABLE_ALL keeps the dependency: in the optimized model every chunk branch's ScatterND
   still descends from the attention that read the same cache (cache_writes_ordered()).
   ORT fuses the K Transpose + MatMul into FusedMatMul (transB); the Slice of the full layers'
-  valid prefix is a copy of start*D floats per layer, which is the cost growing with the used
-  context that the design asks for.
+  valid prefix is a copy of start*D floats per layer (a chunk's, and an fp16/bf16 graph's decode
+  step: fp32 graphs decode full layers through GQA, which reads the cache where it lies).
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ def _fused_matmul_op():
 @functools.lru_cache(maxsize=None)
 def _gqa_op():
     """com.microsoft.GroupQueryAttention, with the inputs and attributes used here (per ONNX
-    Runtime's ContribOperators documentation). Used without past (a first chunk) and without
-    rotary (RoPE is applied before)."""
+    Runtime's ContribOperators documentation). Used without past (a first chunk), with the cache
+    as past (a full layer's decode step), and without rotary (RoPE is applied before)."""
     return _declare(
         "com.microsoft", "GroupQueryAttention", 1,
         ["query", "key", "value", "past_key?", "past_value?", ("seqlens_k", "M"),
@@ -422,10 +422,13 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         text = _shared(key + ("text",), lambda: op.Less(  # no image token in the chunk
             op.ReduceMax(image_groups, keepdims=0), op.Constant(value_int=0)))
 
+    def bsd(x, n, one_token=False):  # [B,n,T,D] -> [B,T,n*D], GQA's layout: the same bytes,
+        # no copy, when n == 1 or T == 1
+        if n > 1 and not one_token:
+            x = op.Transpose(x, perm=[0, 2, 1, 3])
+        return op.Reshape(x, _ints(0, -1, n * head_dim))
+
     def chunk_gqa():
-        def bsd(x, n):   # [B,n,T,D] -> [B,T,n*D] (one head: the same bytes, no copy)
-            return op.Reshape(x if n == 1 else op.Transpose(x, perm=[0, 2, 1, 3]),
-                              _ints(0, -1, n * head_dim))
         o, _, _ = _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), None, None,
                             seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
                             scale=float(scale), local_window_size=window if sliding else -1)
@@ -516,14 +519,12 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         return op.ScatterND(k_cache, indices, k_upd), op.ScatterND(v_cache, indices, v_upd)
 
     def decode_gqa():    # a full layer's step: GQA over the cache itself, written in place
-        def bsd(x, n):   # T == 1: [B,n,1,D] -> [B,1,n*D], the same bytes
-            return op.Reshape(x, _ints(0, 1, n * head_dim))
-        # [B,1,H*D], which the Reshape after the If reads as [B,H,1,D]; the caches come back
+        # [B,1,H*D], which the Reshape after the If reads as [B,1,H,D]; the caches come back
         # as GQA's present outputs, i.e. the If's own (bound) outputs: the same buffers as
         # k_cache/v_cache, which GQA detects and then writes slot start_b only
-        return _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), k_cache, v_cache,
-                         dec_seqlens, dec_total, num_heads=heads, kv_num_heads=kv_heads,
-                         scale=float(scale), local_window_size=-1)
+        return _gqa_op()(bsd(q, heads, True), bsd(k, kv_heads, True), bsd(v, kv_heads, True),
+                         k_cache, v_cache, dec_seqlens, dec_total, num_heads=heads,
+                         kv_num_heads=kv_heads, scale=float(scale), local_window_size=-1)
 
     def decode_step():
         k_new, v_new = write(k, v)
@@ -582,7 +583,7 @@ def cache_writes_ordered(model_path: str) -> dict[str, bool]:
         for node, cache, written in _cache_writes(g, caches):
             seen: set[int] = set()
             stack = [i for i in inputs[id(node)] if i]
-            while stack:  # the ScatterND's ancestors in this graph
+            while stack:  # the writer's ancestors in this graph
                 p = producer.get(stack.pop())
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))

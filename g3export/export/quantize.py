@@ -268,20 +268,31 @@ def quantize_rows_full(w: np.ndarray, bits: int, block: int, search=SEARCH
     n, k = w.shape
     wb = np.asarray(w, dtype=np.float32).reshape(n, k // block, block)
     peak = np.take_along_axis(wb, np.abs(wb).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
-    best = None
-    for scales in [peak / np.float32(lo) * np.float32(f) for f in search] + [peak / np.float32(hi)]:
+
+    def grid(scales):
         scales = scales.astype(np.float32)
         safe = np.where(scales != 0, scales, np.float32(1))
         q = np.clip(np.rint(wb / safe[:, :, None]), lo, hi)
-        err = np.square(q * scales[:, :, None] - wb).sum(axis=2)
+        return np.square(q * scales[:, :, None] - wb).sum(axis=2), q, scales
+
+    candidates = [peak / np.float32(lo) * np.float32(f) for f in search] + [peak / np.float32(hi)]
+    q, scales = _least_error(grid(c) for c in candidates)  # one grid's codes at a time
+    return q.astype(np.int8).reshape(n, k), scales
+
+
+def _least_error(candidates):
+    """Per block, the arrays of the candidate grid with the least squared error (the first one on
+    a tie): candidates yields (err [N, n_blocks], *arrays), each array [N, n_blocks] or
+    [N, n_blocks, block]. Returns the arrays."""
+    best = None
+    for err, *arrays in candidates:
         if best is None:
-            best = [q, scales, err]
+            best = [err, *arrays]
             continue
-        better = err < best[2]
-        best[0] = np.where(better[:, :, None], q, best[0])
-        best[1] = np.where(better, scales, best[1])
-        best[2] = np.where(better, err, best[2])
-    return best[0].astype(np.int8).reshape(n, k), best[1]
+        better = err < best[0]
+        best = [np.where(better.reshape(better.shape + (1,) * (a.ndim - 2)), a, b)
+                for a, b in zip((err, *arrays), best)]
+    return best[1:]
 
 
 def _asym_grid(wb: np.ndarray, lo: np.ndarray, scales: np.ndarray, top: int):
@@ -304,19 +315,12 @@ def quantize_rows_asym(w: np.ndarray, bits: int, block: int, search=SEARCH
     wb = np.asarray(w, dtype=np.float32).reshape(n, k // block, block)
     lo = np.minimum(wb.min(axis=2), 0)
     span = (np.maximum(wb.max(axis=2), 0) - lo) / np.float32(top)
-    best = None
-    for f in search:
-        scales = (span * np.float32(f)).astype(np.float32)
+
+    def grid(scales):
         u, zero, err = _asym_grid(wb, lo, scales, top)
-        if best is None:
-            best = [u, zero, err, scales]
-            continue
-        better = err < best[2]
-        best[0] = np.where(better[:, :, None], u, best[0])
-        best[1] = np.where(better, zero, best[1])
-        best[2] = np.where(better, err, best[2])
-        best[3] = np.where(better, scales, best[3])
-    u, zero, _, scales = best
+        return err, u, zero, scales
+
+    u, zero, scales = _least_error(grid((span * np.float32(f)).astype(np.float32)) for f in search)
     return u.astype(np.uint8).reshape(n, k), scales.astype(np.float32), zero.astype(np.uint8)
 
 
