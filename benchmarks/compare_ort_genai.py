@@ -47,6 +47,13 @@ Measure:
         --genai-dir /work/bench_art/genai270m --genai-int4-dir /work/bench_art/genai270m-int4 \
         [--rounds 5] [--threads 2] [--json out.json]
 
+`--interleave steps` (interleave_steps) times the same builds at a finer grain: per round every
+runtime prefills, then they take turns one decode step at a time, and each ratio is the median over
+paired samples (the same step of two runtimes, a few ms apart) with its interquartile range.
+Whole-generation rounds on a shared VM drift by more than the few % that separate a change from
+its baseline; paired steps do not. Ratios there are GenAI time / ours (> 1: ours is faster), and,
+for a second g3export build of a dtype, its time / the first build's (an A/B of two graphs).
+
 (--genai-int4-dir '' leaves GenAI int4 out, --genai-dir '' GenAI fp32. Runtimes are named g3export[<build folder name>],
 ort-genai[fp32], ort-genai[int4].) Quality of the same builds: benchmarks/genai_quality.py.
 
@@ -245,6 +252,22 @@ class Ours:
         return (r.time_to_first_token_s, r.decode_s, len(r.token_ids) - 1, list(r.token_ids),
                 marks[0] - c0, c2 - marks[0])
 
+    # --interleave steps: prefill, then one decode step at a time (as generate() runs them)
+    def start(self, ids):
+        from g3export.runtimes.generate import generate
+
+        r = generate(self.session, ids, 1, stop_ids=[])  # reset + prefill + pick token 1
+        self.token, self.pos = r.token_ids[0], len(ids)
+        return self.token
+
+    def step(self):
+        from g3export.runtimes.generate import check_logits
+
+        logits = self.session.forward(np.asarray([[self.token]], dtype=np.int64), self.pos)
+        self.token = int(np.argmax(check_logits(logits, self.pos)[0]))
+        self.pos += 1
+        return self.token
+
 
 class GenAI:
     name = "ort-genai"
@@ -295,6 +318,22 @@ class GenAI:
         del gen
         return t1 - t0, t2 - t1, n - 1, seq, c1 - c0, c2 - c1
 
+    # --interleave steps
+    def start(self, ids):
+        og = self.og
+        total = len(ids) + NEW_TOKENS
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max(total, self.min_max_length), min_length=total,
+                                  do_sample=False, batch_size=1)
+        self.gen = og.Generator(self.model, params)
+        self.gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        self.gen.generate_next_token()
+        return int(self.gen.get_next_tokens()[0])
+
+    def step(self):
+        self.gen.generate_next_token()
+        return int(self.gen.get_next_tokens()[0])
+
 
 # ------------------------------------------------------------------------------------------------
 def summarize(runs):
@@ -315,6 +354,43 @@ def summarize(runs):
         "decode_cpu_ms_per_token_median": round(statistics.median(
             1000 * r[5] / r[2] for r in runs), 2),
     }
+
+
+def interleave_steps(runners, ids, rounds: int):
+    """--interleave steps: per round, every runner prefills (order alternating between rounds),
+    then the runners take turns one decode step at a time (the order alternating every step), so
+    that consecutive steps of two runtimes are a few ms apart and a drift of the machine hits both
+    alike. Each step's wall and process-CPU time is kept; the caller pairs them."""
+    times = {r.name: {"prefill": [], "prefill_cpu": [], "step": [], "step_cpu": []}
+             for r in runners}
+    tokens = {r.name: [] for r in runners}
+    for i in range(rounds):
+        for r in (runners if i % 2 == 0 else runners[::-1]):
+            t, c = time.perf_counter(), time.process_time()
+            tok = r.start(ids)
+            times[r.name]["prefill"].append(time.perf_counter() - t)
+            times[r.name]["prefill_cpu"].append(time.process_time() - c)
+            tokens[r.name] = [tok]
+        for k in range(NEW_TOKENS - 1):
+            for r in (runners if (i + k) % 2 == 0 else runners[::-1]):
+                t, c = time.perf_counter(), time.process_time()
+                tok = r.step()
+                times[r.name]["step"].append(time.perf_counter() - t)
+                times[r.name]["step_cpu"].append(time.process_time() - c)
+                tokens[r.name].append(tok)
+        print(f"round {i + 1}/{rounds}: " + ", ".join(
+            f"{r.name} prefill {times[r.name]['prefill'][-1] * 1000:.1f} ms, step median "
+            f"{statistics.median(times[r.name]['step'][-(NEW_TOKENS - 1):]) * 1000:.2f} ms"
+            for r in runners), flush=True)
+    return times, tokens
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """b/a over paired samples (the same step or round of two runtimes): the median of the
+    per-pair ratios, and its spread as the interquartile range of those ratios."""
+    r = sorted(y / x for x, y in zip(a, b))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": round(q[1], 3), "q1": round(q[0], 3), "q3": round(q[2], 3), "pairs": len(r)}
 
 
 def main(argv=None):
@@ -340,6 +416,11 @@ def main(argv=None):
     ap.add_argument("--spin", choices=["default", "on", "off"], default="default",
                     help="ORT intra-op thread spinning for both (off suits a machine shared with "
                          "other busy processes; default: ORT's, which spins)")
+    ap.add_argument("--interleave", choices=["runs", "steps"], default="runs",
+                    help="runs (the headline): each round times one whole generation per runtime; "
+                         "steps: the runtimes take turns every decode step (interleave_steps), "
+                         "and ratios are medians over paired steps: resolves a few %% on a noisy "
+                         "machine")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
     ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30)
@@ -389,6 +470,8 @@ def main(argv=None):
     for _ in range(args.warmup):
         for r in runners:
             r.run(ids)
+    if args.interleave == "steps":
+        return report_steps(args, runners, ids, mach)
     results = {r.name: [] for r in runners}
     tokens = {}
     for i in range(args.rounds):
@@ -480,6 +563,58 @@ def main(argv=None):
           f"1 thread {bw1:.1f}, {args.threads} threads {bwn:.1f}); bound = bandwidth / "
           f"bytes read per decode token of each build (weights in the graph + KV)")
     print(f"load average at start {mach['loadavg']}, at end {report['machine']['loadavg_end']}")
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def report_steps(args, runners, ids, mach) -> int:
+    """The --interleave steps report: per runtime the median prefill and decode-step times (wall
+    and CPU), and for each g3export build against GenAI's build of the same dtype the paired
+    ratios GenAI time / ours (> 1: ours is faster) over rounds (prefill) and steps (decode)."""
+    times, tokens = interleave_steps(runners, ids, args.rounds)
+    med = {n: {k: round(1000 * statistics.median(v), 3) for k, v in t.items()}
+           for n, t in times.items()}
+    report = {"benchmark": "gemma3 270m cpu, step-interleaved", "prompt_len": PROMPT_LEN,
+              "new_tokens": NEW_TOKENS, "rounds": args.rounds, "threads": args.threads,
+              "spin": args.spin, "machine": {**mach, "loadavg_end": machine()["loadavg"]},
+              "settings": {r.name: r.settings for r in runners},
+              "median_ms": med, "ratios_genai_time_over_ours": {}}
+    genai = {r.dtype: r.name for r in runners if isinstance(r, GenAI)}
+    print(f"\n{'runtime':32s} {'prefill ms':>11s} {'cpu':>8s} {'step ms':>9s} {'cpu':>8s}")
+    for n, m in med.items():
+        print(f"{n:32s} {m['prefill']:11.1f} {m['prefill_cpu']:8.1f} {m['step']:9.2f} "
+              f"{m['step_cpu']:8.2f}")
+    for r in runners:
+        if isinstance(r, GenAI) or r.dtype not in genai:
+            continue
+        o, g = times[r.name], times[genai[r.dtype]]
+        a, b = tokens[r.name], tokens[genai[r.dtype]]
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        rr = {"against": genai[r.dtype], "greedy_tokens_agree_first_n": same,
+              **{k: paired(o[k], g[k]) for k in ("prefill", "prefill_cpu", "step", "step_cpu")}}
+        report["ratios_genai_time_over_ours"][r.name] = rr
+        print(f"{r.name}/{rr['against']} (GenAI time / ours, > 1 = ours faster; median [IQR]): "
+              + "; ".join(f"{k} {rr[k]['median']:.3f} [{rr[k]['q1']:.3f}, {rr[k]['q3']:.3f}]"
+                          for k in ("prefill", "prefill_cpu", "step", "step_cpu"))
+              + f"; greedy tokens agree for the first {same}")
+    # and every further g3export build against the first one of its dtype (an A/B of graphs)
+    first = {}
+    for r in runners:
+        if isinstance(r, GenAI):
+            continue
+        if r.dtype not in first:
+            first[r.dtype] = r.name
+            continue
+        o, b = times[first[r.dtype]], times[r.name]
+        rr = {"against": first[r.dtype],
+              **{k: paired(o[k], b[k]) for k in ("prefill", "prefill_cpu", "step", "step_cpu")}}
+        report.setdefault("ratios_build_over_first_build", {})[r.name] = rr
+        print(f"{r.name}/{rr['against']} (time of this build / the first, < 1 = this one faster; "
+              "median [IQR]): " + "; ".join(
+                  f"{k} {rr[k]['median']:.3f} [{rr[k]['q1']:.3f}, {rr[k]['q3']:.3f}]"
+                  for k in ("prefill", "prefill_cpu", "step", "step_cpu")))
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -95,6 +95,14 @@ three outputs are the attention product and the two caches:
   the update Slices and ScatterNDs: a 512-token prefill took x1.046 and x1.013 the CPU time
   (benchmarks/ort_ab.py, 2026-12-02, AVX2 EPYC); ORT's profiler put GQA with a past at ~1.3x
   its time without one.
+  Measured and not kept: a sliding layer's decode step (fp32, S <= W) through GQA in ORT's
+  "shared KV" form (the step written into the ring by ScatterND as now, then GQA with no new
+  key, key/value [B,0,KV*D], the written ring as its past, seqlens_k = min(start_b, S-1),
+  total = min(max(start)+1, S), only `output` declared): 50 ORT kernels fewer per 270M step
+  and the same fp32 greedy tokens, but not faster: step CPU x0.990 (int4) and x0.993 (fp32) in
+  benchmarks/ort_ab.py, and steps 1.05-1.07x slower taking turns with the current graph in
+  benchmarks/compare_ort_genai.py --interleave steps (2026-12-03, AVX2 EPYC; BENCHMARKS.md
+  section 1.5).
   How the branches are built: the translation is traced by the exporter's OpRecorder, which
   appends every node it records to a list; `_if` moves the nodes a branch function recorded
   out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),

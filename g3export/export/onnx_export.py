@@ -52,8 +52,9 @@ Graph details that matter for memory and speed (the passes run in this order aft
 * `_fuse_rms_norm`: Gemma's RMSNorm (7 nodes) -> SimplifiedLayerNormalization.
 * For the ONNX Runtime translation only (the TensorRT graphs keep standard ONNX):
   `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding,
-  `_fuse_sibling_matmuls` makes q/k/v and gate/up one MatMul each on weights concatenated along
-  N (initializer named "a.T+b.T+...", which verify splits back), followed by a Split, and
+  `_fuse_sibling_matmuls` makes q/k/v (and, in quantized graphs, gate/up: its docstring says
+  why not in float ones) one MatMul each on weights concatenated along N (initializer named
+  "a.T+b.T+...", which verify splits back), followed by a Split, and
   `_fuse_skip_norm` folds each residual Add into the following norm
   (com.microsoft.SkipSimplifiedLayerNormalization). With these and the attention translation's
   shared additive mask, the 270M's decode step is ~880 ORT kernels instead of ~1170, and
@@ -199,7 +200,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
     if for_ort:
         _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
-        _fuse_sibling_matmuls(m)
+        _fuse_sibling_matmuls(m, min_group=2 if quant is not None else 3)  # gate/up: quantized
         _fuse_skip_norm(m)
         _cancel_transposes(m)
         _unit_transposes_to_reshape(m)

@@ -125,12 +125,18 @@ def _fold_weight_transposes(m: ir.Model) -> None:
         g.initializers.pop(v.name)
 
 
-def _fuse_sibling_matmuls(m: ir.Model) -> int:
+def _fuse_sibling_matmuls(m: ir.Model, min_group: int = 2) -> int:
     """MatMuls of one input by different 2-D weights (q/k/v projections; gate/up) -> one MatMul by
     the weights concatenated along N, then a Split. Fewer, larger GEMMs: on a CPU decode step every
     MatMul is a thread-pool dispatch over a few MB of weights. The fused initializer is named by its
     parts joined with "+" (in order), so readers of the build (verify) can split it back.
-    Returns the number of MatMuls removed."""
+    Only groups of at least `min_group` MatMuls are fused: float graphs pass 3 (q/k/v, not
+    gate/up), because ORT's Split copies its outputs and the [T, 2 x intermediate] gate/up product
+    is the largest activation of a prefill: unfused, the 270M fp32 prefill took x0.993 and x0.976
+    the CPU time with decode unchanged (x0.970, x1.008; benchmarks/ort_ab.py, BENCHMARKS.md
+    section 1.5). Quantized graphs fuse gate/up too: one MatMulNBits of 2N columns dispatches
+    faster than two of N in a decode step (ORT profile, section 1.5). Returns the number of
+    MatMuls removed."""
     g = m.graph
     removed = 0
     for x in [v for n in g for v in n.outputs]:
@@ -140,7 +146,7 @@ def _fuse_sibling_matmuls(m: ir.Model) -> int:
             if w is not None and w.const_value is not None and w.shape is not None \
                     and len(w.shape) == 2 and len(list(w.uses())) == 1 and w.name in g.initializers:
                 group.append((node, w))
-        if len(group) < 2 or len({w.const_value.dtype for _, w in group}) != 1 \
+        if len(group) < min_group or len({w.const_value.dtype for _, w in group}) != 1 \
                 or len({w.shape[0] for _, w in group}) != 1:
             continue
         order = {id(n): i for i, n in enumerate(g)}

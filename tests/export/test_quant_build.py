@@ -184,7 +184,8 @@ def test_eval_equals_direct_computation(builds):
 def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch, symmetric):
     """The weights stream in row blocks (here 4 KB, so every weight takes several blocks); the
     written codes, scales (and zero points) are byte-equal to quantizing each whole weight at
-    once, for a plain weight, a fused q/k/v one and the tied embedding."""
+    once, for a plain weight, the fused q/k/v and gate/up ones (quantized graphs fuse both) and
+    the tied embedding."""
     import onnx
     from onnx import numpy_helper
 
@@ -199,9 +200,11 @@ def test_streamed_codes_equal_the_per_tensor_quantizer(tmp_path, monkeypatch, sy
     p = dict(model.named_parameters())
     lm = "model.language_model."
     wq = [p[f"language_model.layers.2.self_attn.{x}_proj.weight"].detach().numpy() for x in "qkv"]
+    wg = [p[f"language_model.layers.2.mlp.{x}_proj.weight"].detach().numpy() for x in ("gate", "up")]
     cases = {
         f"{lm}layers.2.mlp.down_proj.weight": p["language_model.layers.2.mlp.down_proj.weight"].detach().numpy(),
         "+".join(f"{lm}layers.2.self_attn.{x}_proj.weight.T" for x in "qkv"): np.concatenate(wq),
+        "+".join(f"{lm}layers.2.mlp.{x}_proj.weight.T" for x in ("gate", "up")): np.concatenate(wg),
         f"{lm}embed_tokens.weight": p["language_model.embed_tokens.weight"].detach().numpy()}
     for base, w in cases.items():
         b, s, *z = Q.matmul_nbits(w, 4, 32, symmetric=symmetric)
