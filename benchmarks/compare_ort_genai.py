@@ -297,14 +297,17 @@ class GenAI:
         self.settings = {**base, **so, "provider": "cpu", "og_version": og.__version__,
                          "allow_spinning": _spin_text(spin)}
 
-    def run(self, ids):
+    def _generator(self, ids):
         og = self.og
         total = len(ids) + NEW_TOKENS
         params = og.GeneratorParams(self.model)
         # greedy; min_length keeps EOS from ending the run early (random-text prompt)
         params.set_search_options(max_length=max(total, self.min_max_length), min_length=total,
                                   do_sample=False, batch_size=1)
-        gen = og.Generator(self.model, params)
+        return og.Generator(self.model, params)
+
+    def run(self, ids):
+        gen = self._generator(ids)
         t0, c0 = time.perf_counter(), time.process_time()
         gen.append_tokens(np.asarray([ids], dtype=np.int32))  # prefill: logits of the prompt
         gen.generate_next_token()                              # picks token 1 (no model run)
@@ -320,12 +323,7 @@ class GenAI:
 
     # --interleave steps
     def start(self, ids):
-        og = self.og
-        total = len(ids) + NEW_TOKENS
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max(total, self.min_max_length), min_length=total,
-                                  do_sample=False, batch_size=1)
-        self.gen = og.Generator(self.model, params)
+        self.gen = self._generator(ids)
         self.gen.append_tokens(np.asarray([ids], dtype=np.int32))
         self.gen.generate_next_token()
         return int(self.gen.get_next_tokens()[0])
