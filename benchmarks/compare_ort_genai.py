@@ -354,13 +354,15 @@ def summarize(runs):
     }
 
 
+STEP_KEYS = ("prefill", "prefill_cpu", "step", "step_cpu")  # what --interleave steps times
+
+
 def interleave_steps(runners, ids, rounds: int):
     """--interleave steps: per round, every runner prefills (order alternating between rounds),
     then the runners take turns one decode step at a time (the order alternating every step), so
     that consecutive steps of two runtimes are a few ms apart and a drift of the machine hits both
     alike. Each step's wall and process-CPU time is kept; the caller pairs them."""
-    times = {r.name: {"prefill": [], "prefill_cpu": [], "step": [], "step_cpu": []}
-             for r in runners}
+    times = {r.name: {k: [] for k in STEP_KEYS} for r in runners}
     tokens = {r.name: [] for r in runners}
     for i in range(rounds):
         for r in (runners if i % 2 == 0 else runners[::-1]):
@@ -438,6 +440,9 @@ def main(argv=None):
     hf_dir = Path(args.hf_dir)
     if args.skip_ours and args.skip_genai:
         ap.error("nothing to time")
+    for name, least in (("rounds", 1), ("warmup", 0), ("prompt_len", 1), ("new_tokens", 2)):
+        if getattr(args, name) < least:
+            ap.error(f"--{name.replace('_', '-')} must be at least {least}")
     for d, _ in genai_dirs if not args.skip_genai else []:
         if not (d / "genai_config.json").exists():
             ap.error(f"{d}: no genai_config.json; run with --prepare first")
@@ -567,6 +572,11 @@ def main(argv=None):
     return 0
 
 
+def _paired_text(rr: dict) -> str:
+    return "; ".join(f"{k} {rr[k]['median']:.3f} [{rr[k]['q1']:.3f}, {rr[k]['q3']:.3f}]"
+                     for k in STEP_KEYS)
+
+
 def report_steps(args, runners, ids, mach) -> int:
     """The --interleave steps report: per runtime the median prefill and decode-step times (wall
     and CPU), and for each g3export build against GenAI's build of the same dtype the paired
@@ -591,12 +601,10 @@ def report_steps(args, runners, ids, mach) -> int:
         a, b = tokens[r.name], tokens[genai[r.dtype]]
         same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         rr = {"against": genai[r.dtype], "greedy_tokens_agree_first_n": same,
-              **{k: paired(o[k], g[k]) for k in ("prefill", "prefill_cpu", "step", "step_cpu")}}
+              **{k: paired(o[k], g[k]) for k in STEP_KEYS}}
         report["ratios_genai_time_over_ours"][r.name] = rr
         print(f"{r.name}/{rr['against']} (GenAI time / ours, > 1 = ours faster; median [IQR]): "
-              + "; ".join(f"{k} {rr[k]['median']:.3f} [{rr[k]['q1']:.3f}, {rr[k]['q3']:.3f}]"
-                          for k in ("prefill", "prefill_cpu", "step", "step_cpu"))
-              + f"; greedy tokens agree for the first {same}")
+              f"{_paired_text(rr)}; greedy tokens agree for the first {same}")
     # and every further g3export build against the first one of its dtype (an A/B of graphs)
     first = {}
     for r in runners:
@@ -606,13 +614,10 @@ def report_steps(args, runners, ids, mach) -> int:
             first[r.dtype] = r.name
             continue
         o, b = times[first[r.dtype]], times[r.name]
-        rr = {"against": first[r.dtype],
-              **{k: paired(o[k], b[k]) for k in ("prefill", "prefill_cpu", "step", "step_cpu")}}
+        rr = {"against": first[r.dtype], **{k: paired(o[k], b[k]) for k in STEP_KEYS}}
         report.setdefault("ratios_build_over_first_build", {})[r.name] = rr
         print(f"{r.name}/{rr['against']} (time of this build / the first, < 1 = this one faster; "
-              "median [IQR]): " + "; ".join(
-                  f"{k} {rr[k]['median']:.3f} [{rr[k]['q1']:.3f}, {rr[k]['q3']:.3f}]"
-                  for k in ("prefill", "prefill_cpu", "step", "step_cpu")))
+              f"median [IQR]): {_paired_text(rr)}")
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
