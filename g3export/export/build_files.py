@@ -133,8 +133,17 @@ def external_data(onnx_path: Path) -> list[str]:
     except Exception as e:  # a hostile or truncated protobuf: DecodeError and friends
         raise BuildError(f"{onnx_path} is not a readable ONNX graph ({type(e).__name__}); "
                          + rebuild_hint(onnx_path.parent)) from None
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    tensors = []
+
+    def collect(g) -> None:  # the graph's tensors and its subgraphs' (If branches), recursively
+        tensors.extend(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                tensors.extend(([a.t] if a.HasField("t") else []) + list(a.tensors))
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    collect(sub)
+
+    collect(model.graph)
     locations = set()
     for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL:

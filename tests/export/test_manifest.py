@@ -127,6 +127,25 @@ def _external_data_outside(path: Path) -> None:
     _rehash(path, "text.onnx")
 
 
+def _external_data_outside_in_a_branch(path: Path) -> None:
+    """A Constant inside an If branch (each layer's attention is one) whose tensor names
+    external data outside the build: refused like an initializer's. The check used to read
+    only the main graph's nodes."""
+    import onnx
+
+    m = onnx.load(str(path / "text.onnx"), load_external_data=False)
+    step = [n for n in m.graph.node if n.op_type == "If"][-1]
+    branch = next(a.g for a in step.attribute if a.name == "else_branch")
+    t = onnx.helper.make_tensor("secret", onnx.TensorProto.FLOAT, [2], [0.0, 0.0])
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "../../secret.data"), ("offset", "0"), ("length", "8")):
+        t.external_data.add(key=k, value=v)
+    branch.node.append(onnx.helper.make_node("Constant", [], ["secret"], value=t))
+    onnx.save(m, str(path / "text.onnx"))
+    _rehash(path, "text.onnx")
+
+
 def _largest_external(m):
     """The largest initializer stored in the .data file (small ones are inline)."""
     ext = [i for i in m.graph.initializer if i.external_data]
@@ -180,6 +199,8 @@ CASES = [  # (id, mutation of the build copy, words the one-line BuildError must
     ("data-unlisted", _manifest(_set("files/text.onnx.data", ...)),
      "text.onnx.data (the external data of text.onnx) is not listed"),
     ("external-data-outside", _external_data_outside,
+     "`the external data of text.onnx` names \"../../secret.data\""),
+    ("external-data-outside-in-a-branch", _external_data_outside_in_a_branch,
      "`the external data of text.onnx` names \"../../secret.data\""),
     ("tokenizer-altered", _altered_tokenizer, "tokenizer.json"),
 ]
