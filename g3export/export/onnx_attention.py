@@ -103,6 +103,13 @@ three outputs are the attention product and the two caches:
   benchmarks/ort_ab.py, and steps 1.05-1.07x slower taking turns with the current graph in
   benchmarks/compare_ort_genai.py --interleave steps (2026-12-03, AVX2 EPYC; BENCHMARKS.md
   section 1.5).
+  Measured and not kept: no per-layer `If` in a decode step, by giving the step its own copy of
+  the whole graph (the exported graph's top an `If(T == 1, copy reading input_ids reshaped to
+  [B, 1], graph as exported)`, weights shared by outer scope; ORT's constant folding then
+  inlines the copy's `If`s on T == 1): 574 instead of 632 ORT kernels and 5 instead of 20 `If`s
+  per 270M int4 step, and no faster once the A/B loads each build twice in mirrored order
+  (benchmarks/ort_ab.py), while a session's peak RSS at load grew (270M: int4 481 -> 625 MB,
+  fp32 539 -> 902 MB). BENCHMARKS.md section 1.6.
   How the branches are built: the translation is traced by the exporter's OpRecorder, which
   appends every node it records to a list; `_if` moves the nodes a branch function recorded
   out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),
