@@ -135,15 +135,21 @@ def external_data(onnx_path: Path) -> list[str]:
                          + rebuild_hint(onnx_path.parent)) from None
     tensors = []
 
-    def collect(g) -> None:  # the graph's tensors and its subgraphs' (If branches), recursively
-        tensors.extend(g.initializer)
+    def collect(g) -> None:  # a graph's (or local function's) tensors and its subgraphs'
+        tensors.extend(getattr(g, "initializer", ()))
+        for st in getattr(g, "sparse_initializer", ()):  # a sparse tensor: two dense parts
+            tensors.extend((st.values, st.indices))
         for n in g.node:
             for a in n.attribute:
                 tensors.extend(([a.t] if a.HasField("t") else []) + list(a.tensors))
+                for st in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
+                        a.sparse_tensors):
+                    tensors.extend((st.values, st.indices))
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     collect(sub)
 
-    collect(model.graph)
+    for g in [model.graph, *model.functions]:  # If branches and local functions, recursively
+        collect(g)
     locations = set()
     for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL:

@@ -136,12 +136,44 @@ def _external_data_outside_in_a_branch(path: Path) -> None:
     m = onnx.load(str(path / "text.onnx"), load_external_data=False)
     step = [n for n in m.graph.node if n.op_type == "If"][-1]
     branch = next(a.g for a in step.attribute if a.name == "else_branch")
-    t = onnx.helper.make_tensor("secret", onnx.TensorProto.FLOAT, [2], [0.0, 0.0])
+    branch.node.append(onnx.helper.make_node("Constant", [], ["secret"],
+                                             value=_outside_tensor("secret")))
+    onnx.save(m, str(path / "text.onnx"))
+    _rehash(path, "text.onnx")
+
+
+def _outside_tensor(name: str):
+    import onnx
+
+    t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [2], [0.0, 0.0])
     t.ClearField("float_data")
     t.data_location = onnx.TensorProto.EXTERNAL
     for k, v in (("location", "../../secret.data"), ("offset", "0"), ("length", "8")):
         t.external_data.add(key=k, value=v)
-    branch.node.append(onnx.helper.make_node("Constant", [], ["secret"], value=t))
+    return t
+
+
+def _external_data_outside_in_a_function(path: Path) -> None:
+    """The same Constant inside a local function of the model."""
+    import onnx
+
+    m = onnx.load(str(path / "text.onnx"), load_external_data=False)
+    m.functions.append(onnx.helper.make_function(
+        "g3.test", "Secret", [], ["y"],
+        [onnx.helper.make_node("Constant", [], ["y"], value=_outside_tensor("secret"))],
+        [onnx.helper.make_opsetid("", 18)]))
+    onnx.save(m, str(path / "text.onnx"))
+    _rehash(path, "text.onnx")
+
+
+def _external_data_outside_sparse(path: Path) -> None:
+    """A sparse initializer whose values name external data outside the build."""
+    import onnx
+
+    m = onnx.load(str(path / "text.onnx"), load_external_data=False)
+    indices = onnx.helper.make_tensor("secret_idx", onnx.TensorProto.INT64, [2], [0, 1])
+    m.graph.sparse_initializer.append(
+        onnx.helper.make_sparse_tensor(_outside_tensor("secret"), indices, [4]))
     onnx.save(m, str(path / "text.onnx"))
     _rehash(path, "text.onnx")
 
@@ -201,6 +233,10 @@ CASES = [  # (id, mutation of the build copy, words the one-line BuildError must
     ("external-data-outside", _external_data_outside,
      "`the external data of text.onnx` names \"../../secret.data\""),
     ("external-data-outside-in-a-branch", _external_data_outside_in_a_branch,
+     "`the external data of text.onnx` names \"../../secret.data\""),
+    ("external-data-outside-in-a-function", _external_data_outside_in_a_function,
+     "`the external data of text.onnx` names \"../../secret.data\""),
+    ("external-data-outside-sparse", _external_data_outside_sparse,
      "`the external data of text.onnx` names \"../../secret.data\""),
     ("tokenizer-altered", _altered_tokenizer, "tokenizer.json"),
 ]
