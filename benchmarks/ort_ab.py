@@ -40,13 +40,26 @@ def main(argv=None) -> int:
     ap.add_argument("--loads", type=int, choices=(1, 2), default=2,
                     help="sessions per build, loaded in mirrored order (module docstring)")
     args = ap.parse_args(argv)
+    for name in ("rounds", "steps", "threads", "prompt_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
 
+    from g3export.errors import BuildError
+    from g3export.export.manifest import load_build
     from g3export.runtimes.ort_session import OrtSession
 
-    order = list(enumerate(args.build_dirs))  # (build index, dir): A B, then B A
-    order += order[::-1] if args.loads == 2 else []
-    pairs = [(f"{d}#{[x for _, x in order[:k]].count(d) + 1}", OrtSession.from_build(
-        d, provider="cpu", threads=args.threads, spinning=False)) for k, (_, d) in enumerate(order)]
+    builds = {}  # each checked (and hashed) once; a bad one is a one-line error
+    for d in dict.fromkeys(args.build_dirs):
+        try:
+            builds[d] = load_build(d, expect_target="onnx")
+        except BuildError as e:
+            ap.error(str(e))
+
+    order = args.build_dirs + (args.build_dirs[::-1] if args.loads == 2 else [])  # A B, B A
+    # keyed (build dir, which load of it: 1 or 2)
+    pairs = [((d, order[:k].count(d) + 1), OrtSession.from_build(
+        builds[d], provider="cpu", threads=args.threads, spinning=False))
+        for k, d in enumerate(order)]
     ids = np.random.default_rng(0).integers(1000, 200_000, size=(1, args.prompt_len))
     keys = ("prefill_cpu", "prefill_wall", "step_cpu", "step_wall")
     per_session = {name: {k: [] for k in keys} for name, _ in pairs}
@@ -72,11 +85,11 @@ def main(argv=None) -> int:
                     per_session[d]["step_wall"].append(time.perf_counter() - t)
                 tok[d] = int(logits[0].argmax())
                 tokens[d].append(tok[d])
-    res = {d: {k: [x for name, v in per_session.items() if name.rsplit("#", 1)[0] == d
-                   for x in v[k]] for k in keys} for d in args.build_dirs}
+    res = {d: {k: [x for (dd, _), v in per_session.items() if dd == d for x in v[k]]
+               for k in keys} for d in args.build_dirs}
     if args.loads == 2:
         for d in dict.fromkeys(args.build_dirs):
-            a, b = per_session[f"{d}#1"], per_session[f"{d}#2"]
+            a, b = per_session[d, 1], per_session[d, 2]
             print(f"{d}, its 2nd session / 1st (noise floor): prefill cpu "
                   f"x{statistics.median(b['prefill_cpu']) / statistics.median(a['prefill_cpu']):.3f}, "
                   f"decode step cpu x{statistics.median(b['step_cpu']) / statistics.median(a['step_cpu']):.3f}")
@@ -87,8 +100,7 @@ def main(argv=None) -> int:
     first = args.build_dirs[0]
     for d in args.build_dirs[1:]:
         a, b = res[first], res[d]
-        agree = all(t == tokens[f"{first}#1"] for name, t in tokens.items()
-                    if name.rsplit("#", 1)[0] == d)
+        agree = all(t == tokens[first, 1] for (dd, _), t in tokens.items() if dd == d)
         print(f"{d} / {first}: prefill cpu x{statistics.median(b['prefill_cpu']) / statistics.median(a['prefill_cpu']):.3f}, "
               f"decode step cpu x{statistics.median(b['step_cpu']) / statistics.median(a['step_cpu']):.3f}; "
               f"greedy tokens {'agree' if agree else 'DIFFER'}")
