@@ -54,6 +54,12 @@ Whole-generation rounds on a shared VM drift by more than the few % that separat
 its baseline; paired steps do not. Ratios there are GenAI time / ours (> 1: ours is faster), and,
 for a second g3export build of a dtype, its time / the first build's (an A/B of two graphs).
 
+--genai-graph adds GenAI's graphs once more, run by onnxruntime's Python API with I/O binding as
+g3export's runtime runs its own graph (GenAIGraph) instead of by GenAI's C++ generator: its
+ratio to GenAI is the harness alone (same graph), its ratio to a g3export build of its dtype the
+graph alone (same harness). On the AVX2 VM at 2 threads, spinning off, the harness alone
+measured 0.959 for int4 (BENCHMARKS.md section 1.7).
+
 (--genai-int4-dir '' leaves GenAI int4 out, --genai-dir '' GenAI fp32. Runtimes are named g3export[<build folder name>],
 ort-genai[fp32], ort-genai[int4].) Quality of the same builds: benchmarks/genai_quality.py.
 
@@ -333,6 +339,45 @@ class GenAI:
         return int(self.gen.get_next_tokens()[0])
 
 
+class GenAIGraph:
+    """GenAI's graph run by onnxruntime's Python API the way g3export's runtime runs its own
+    (--genai-graph; prefill_profile.genai_stepper binds it as GenAI's generator does). Paired
+    with GenAI's runtime (same graph, other harness) and with the first g3export build of its
+    dtype (same harness, other graph), it splits a g3export/GenAI ratio into its two causes."""
+
+    def __init__(self, genai_dir: Path, threads: int, spin: str = "default", dtype: str = "fp32"):
+        from prefill_profile import genai_stepper  # beside this script
+
+        self.name, self.dtype = f"ort-genai-graph[{dtype}]", dtype
+        gc = json.loads((genai_dir / "genai_config.json").read_text())
+        self.vocab = gc["model"]["vocab_size"]
+        self.weights_file = genai_dir / gc["model"]["decoder"]["filename"]
+        t = time.perf_counter()
+        spinning = None if spin == "default" else spin == "on"
+        _, self._step = genai_stepper(genai_dir, threads, PROMPT_LEN + NEW_TOKENS + 1, spinning=spinning)
+        self.load_s = time.perf_counter() - t
+        self.settings = {"intra_op_num_threads": threads, "allow_spinning": _spin_text(spin),
+                         "harness": "onnxruntime Python API, IOBinding"}
+
+    def start(self, ids):
+        self.token, self.total = self._step(ids, len(ids)), len(ids)
+        return self.token
+
+    def step(self):
+        self.total += 1
+        self.token = self._step([self.token], self.total)
+        return self.token
+
+    def run(self, ids):
+        c0, t0 = time.process_time(), time.perf_counter()
+        seq = [self.start(ids)]
+        t1, c1 = time.perf_counter(), time.process_time()
+        while len(seq) < NEW_TOKENS:
+            seq.append(self.step())
+        t2, c2 = time.perf_counter(), time.process_time()
+        return t1 - t0, t2 - t1, len(seq) - 1, seq, c1 - c0, c2 - c1
+
+
 # ------------------------------------------------------------------------------------------------
 def summarize(runs):
     ttft = [r[0] for r in runs]
@@ -421,6 +466,9 @@ def main(argv=None):
                          "steps: the runtimes take turns every decode step (interleave_steps), "
                          "and ratios are medians over paired steps: resolves a few %% on a noisy "
                          "machine")
+    ap.add_argument("--genai-graph", action="store_true",
+                    help="also run each GenAI graph through onnxruntime's Python API, as g3export "
+                         "runs its own (GenAIGraph): same graph as GenAI, same harness as ours")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
     ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30)
@@ -460,6 +508,9 @@ def main(argv=None):
     if not args.skip_genai:
         for d, dtype in genai_dirs:
             runners.append(GenAI(d, args.threads, args.spin, dtype))
+        if args.genai_graph:
+            for d, dtype in genai_dirs:
+                runners.append(GenAIGraph(d, args.threads, args.spin, dtype))
     if len({r.name for r in runners}) != len(runners):
         ap.error("two runners share a name (two --build-dir with the same folder name?)")
     for r in runners:
@@ -522,7 +573,7 @@ def main(argv=None):
     }
     # each g3export build against GenAI's build of the same dtype (fp32 with fp32, int4 with int4)
     genai = {r.dtype: r.name for r in runners if isinstance(r, GenAI)}
-    for r in ours:
+    for r in [r for r in runners if not isinstance(r, GenAI)]:  # builds, then --genai-graph
         if r.dtype not in genai:
             continue
         o, g = summary[r.name], summary[genai[r.dtype]]

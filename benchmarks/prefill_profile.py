@@ -134,12 +134,15 @@ def profile_ours(build_dir: Path, ids, runs: int, threads: int, decode: int, tmp
     return path, wall, dwall
 
 
-def profile_genai(genai_dir: Path, ids, runs: int, threads: int, decode: int, tmp: str):
+def genai_stepper(genai_dir: Path, threads: int, max_length: int, profile: str | None = None,
+                  spinning: bool | None = None):
+    """GenAI's graph in an onnxruntime session, bound as GenAI's generator binds it (module
+    docstring): returns (session, step), step(token_ids, total) -> the greedy next token."""
     import onnxruntime as ort
 
     from g3export.runtimes.ort_session import session_options
 
-    so = session_options(threads, None, os.path.join(tmp, "genai"), None)
+    so = session_options(threads, None, profile, spinning)
     gc = json.loads((genai_dir / "genai_config.json").read_text())
     dec = gc["model"]["decoder"]
     sess = ort.InferenceSession(str(genai_dir / dec["filename"]), so, providers=["CPUExecutionProvider"])
@@ -148,7 +151,6 @@ def profile_genai(genai_dir: Path, ids, runs: int, threads: int, decode: int, tm
 
     sliding = set(dec.get("sliding_window", {}).get("layers", []))
     window = dec.get("sliding_window", {}).get("window_size", 0)
-    max_length = len(ids) + max(decode, 1)
     # GenAI's CPU cache: past and present share one buffer (past_present_share_buffer), of
     # max_length slots, the window on sliding layers (its GQA refuses less than the window)
     caches = []
@@ -170,6 +172,12 @@ def profile_genai(genai_dir: Path, ids, runs: int, threads: int, decode: int, tm
         logits = b.get_outputs()[0].numpy()
         return int(np.argmax(logits[0, -1]))
 
+    return sess, step
+
+
+def profile_genai(genai_dir: Path, ids, runs: int, threads: int, decode: int, tmp: str):
+    sess, step = genai_stepper(genai_dir, threads, len(ids) + max(decode, 1),
+                               os.path.join(tmp, "genai"))
     wall, dwall = [], []
     for i in range(runs + 1):
         t = time.perf_counter()

@@ -115,6 +115,25 @@ def test_quantized_build_matches_fake_quantized_reference(builds, name):
     assert float(np.abs(_logits(OrtSession.from_build(builds["fp32"]), ids) - ref).max()) < 1e-3
 
 
+def test_batched_rows_match_batch_one(builds):
+    """A quantized build run with two rows at different positions (each prefilled on its own,
+    then one decode step of both, as the scheduler does) gives each row the logits of a batch-1
+    session: the lm_head (MatMulNBits on the [B, T, hidden] rows as they come) keeps the rows
+    apart."""
+    ids = np.random.default_rng(3).integers(0, 512, (2, 20))
+    lens = (12, 7)
+    two = OrtSession.from_build(builds["int4"], batch=2)
+    got = [[two.forward_row(r, ids[r:r + 1, :n], 0)[0]] for r, n in enumerate(lens)]
+    step = two.forward(np.array([[ids[r, n]] for r, n in enumerate(lens)]), np.array(lens))
+    one = OrtSession.from_build(builds["int4"])
+    for r, n in enumerate(lens):
+        got[r].append(step[r])
+        one.reset()
+        want = [one.forward(ids[r:r + 1, :n], 0)[0], one.forward(ids[r:r + 1, n:n + 1], n)[0]]
+        for g, w in zip(got[r], want):
+            assert np.abs(g - w).max() < 1e-3, r
+
+
 def test_manifest_and_graph(builds):
     import onnx
 
@@ -135,6 +154,10 @@ def test_manifest_and_graph(builds):
     g = onnx.load(str(builds["int4"] / "text.onnx"), load_external_data=False).graph
     assert all(len(n.input) == 3 for n in g.node
                if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    # the lm_head writes the logits itself: no Reshape (a copy into the bound output) after it
+    (head,) = [n for n in g.node if "logits" in n.output]
+    assert head.op_type == "MatMulNBits" and head.attribute and \
+        {a.name: a.i for a in head.attribute}["N"] == preset("tiny").text.vocab_size
     # and `inspect` says which
     from click.testing import CliRunner
 
