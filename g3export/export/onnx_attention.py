@@ -110,6 +110,14 @@ three outputs are the attention product and the two caches:
   per 270M int4 step, and no faster once the A/B loads each build twice in mirrored order
   (benchmarks/ort_ab.py), while a session's peak RSS at load grew (270M: int4 481 -> 625 MB,
   fp32 539 -> 902 MB). BENCHMARKS.md section 1.6.
+  Measured and not kept: ONNX's own `Attention` (opset 23; ORT's CPU kernel takes q_num_heads
+  4, kv_num_heads 1 and a float mask) in place of a sliding decode step's FusedMatMul, Add,
+  Softmax and MatMul: correct, one kernel for four, each head a single-row product with no
+  packing of the ring, and slower (int4 step x1.04 at 1 thread, x1.06-1.09 at 2; section 1.7).
+  Where a decode step's time goes (section 1.7, `perf`, not ORT's profiler): the ring product
+  above costs what GenAI's GroupQueryAttention does; what our step has more of is ~280 small
+  kernels (the per-step position/mask/RoPE preamble, the q transposes, this product's
+  separate kernels), ~4 us each.
   How the branches are built: the translation is traced by the exporter's OpRecorder, which
   appends every node it records to a list; `_if` moves the nodes a branch function recorded
   out of that list into an `ir.Graph` (reading the enclosing graph's values by outer scope),
