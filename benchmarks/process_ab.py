@@ -9,9 +9,9 @@ Why. benchmarks/compare_ort_genai.py (--interleave steps) and benchmarks/ort_ab.
 steps of several sessions in one process, which cancels what changes over time (a busy
 neighbour, drift). What they cannot cancel is a difference that a session keeps for its whole
 life: the same build loaded twice in one process ran ~1.4% apart (ort_ab's noise floor,
-BENCHMARKS.md section 1.6), and on the AVX2 VM of section 1.7 the int4 GEMV kernel took 16.0 to
-18.6 ms per step in three processes running the same graph (a `perf record` of each). With one
-session per runtime, every paired run is one draw of that.
+BENCHMARKS.md section 1.6), and fresh processes of one int4 build ranged over 17.0-22.7 ms per
+step (section 1.7, this script). With one session per runtime, every paired run is one draw of
+that.
 
 Here each process loads ONE runtime (a g3export build through OrtSession, or a GenAI folder
 through onnxruntime_genai's own generator: compare_ort_genai's two runners), prefills the
