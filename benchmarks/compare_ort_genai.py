@@ -491,9 +491,10 @@ def main(argv=None):
     for name, least in (("rounds", 1), ("warmup", 0), ("prompt_len", 1), ("new_tokens", 2)):
         if getattr(args, name) < least:
             ap.error(f"--{name.replace('_', '-')} must be at least {least}")
+    from bench_inputs import check_genai_dir  # beside this script
+
     for d, _ in genai_dirs if not args.skip_genai else []:
-        if not (d / "genai_config.json").exists():
-            ap.error(f"{d}: no genai_config.json; run with --prepare first")
+        check_genai_dir(ap, d)
     for build_dir in build_dirs if not args.skip_ours else []:
         if not (build_dir / "manifest.json").exists():
             ap.error(f"{build_dir}: not a g3export build; "

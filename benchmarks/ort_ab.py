@@ -44,16 +44,12 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
 
-    from g3export.errors import BuildError
-    from g3export.export.manifest import load_build
+    from bench_inputs import load_onnx_build  # beside this script
+
     from g3export.runtimes.ort_session import OrtSession
 
-    builds = {}  # each checked (and hashed) once; a bad one is a one-line error
-    for d in dict.fromkeys(args.build_dirs):
-        try:
-            builds[d] = load_build(d, expect_target="onnx")
-        except BuildError as e:
-            ap.error(str(e))
+    # each checked (and hashed) once; a bad one is a one-line error
+    builds = {d: load_onnx_build(ap, d) for d in dict.fromkeys(args.build_dirs)}
 
     order = args.build_dirs + (args.build_dirs[::-1] if args.loads == 2 else [])  # A B, B A
     # keyed (build dir, which load of it: 1 or 2)

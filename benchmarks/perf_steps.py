@@ -56,7 +56,7 @@ def _clock() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
-def run_steps(build_dir: Path, genai_dir: Path, steps: int, threads: int, spinning: bool):
+def run_steps(build, genai_dir: Path, steps: int, threads: int, spinning: bool):
     """Load both, prefill, warm up; return {name: step()} ready to alternate."""
     sys.path.insert(0, str(HERE))
     from prefill_profile import genai_stepper
@@ -64,7 +64,7 @@ def run_steps(build_dir: Path, genai_dir: Path, steps: int, threads: int, spinni
     from g3export.runtimes.generate import check_logits
     from g3export.runtimes.ort_session import OrtSession
 
-    ours = OrtSession.from_build(build_dir, provider="cpu", threads=threads, spinning=spinning)
+    ours = OrtSession.from_build(build, provider="cpu", threads=threads, spinning=spinning)
     hi = min(200_000, ours.config.text.vocab_size)
     ids = np.random.default_rng(0).integers(min(1000, hi // 2), hi, size=PROMPT_LEN).tolist()
     _, gstep = genai_stepper(genai_dir, threads, PROMPT_LEN + steps + 8, spinning=spinning)
@@ -158,17 +158,17 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from bench_inputs import check_genai_dir, load_onnx_build  # beside this script
+
     build_dir, genai_dir = Path(args.build_dir), Path(args.genai_dir)
-    if not (build_dir / "manifest.json").exists():
-        ap.error(f"{build_dir}: not a g3export build (no manifest.json)")
-    if not (genai_dir / "genai_config.json").exists():
-        ap.error(f"{genai_dir}: no genai_config.json (compare_ort_genai.py --prepare)")
+    build = load_onnx_build(ap, build_dir)
+    check_genai_dir(ap, genai_dir)
     if args.steps < 8 or args.threads < 1 or args.freq < 100:
         ap.error("--steps must be >= 8, --threads >= 1, --freq >= 100")
     if shutil.which("perf") is None:
         ap.error("`perf` is not on PATH (linux-perf / linux-tools)")
 
-    fns = run_steps(build_dir, genai_dir, args.steps + 8, args.threads, args.spin == "on")
+    fns = run_steps(build, genai_dir, args.steps + 8, args.threads, args.spin == "on")
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "perf.data")
         rec = subprocess.Popen(["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-F",

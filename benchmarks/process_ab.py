@@ -96,14 +96,14 @@ def main(argv=None) -> int:
     for name, least in (("processes", 1), ("steps", 8), ("threads", 1)):
         if getattr(args, name) < least:
             ap.error(f"--{name} must be at least {least}")
+    from bench_inputs import check_genai_dir, load_onnx_build  # beside this script
+
     runtimes = []
     for d in args.build_dir:
-        if not (Path(d) / "manifest.json").exists():
-            ap.error(f"{d}: not a g3export build (no manifest.json)")
+        load_onnx_build(ap, d)  # checked here: each measuring process loads it again
         runtimes.append((f"g3export[{Path(d).name}]", "ours", d))
     if args.genai_dir:
-        if not (Path(args.genai_dir) / "genai_config.json").exists():
-            ap.error(f"{args.genai_dir}: no genai_config.json (compare_ort_genai.py --prepare)")
+        check_genai_dir(ap, args.genai_dir)
         runtimes.append((f"ort-genai[{Path(args.genai_dir).name}]", "genai", args.genai_dir))
     if len(runtimes) < 2:
         ap.error("give at least two runtimes (--build-dir twice, or --build-dir and --genai-dir)")
