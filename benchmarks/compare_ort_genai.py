@@ -150,9 +150,10 @@ def copy_bandwidth_gbps(n_bytes: int = 1 << 30, reps: int = 5, threads: int = 1)
     return 2 * n_bytes / best / 1e9
 
 
-# initializers a decode step does not read whole: RoPE tables (one row per step), and the copy of
+# initializers a decode step does not read whole: RoPE tables (one row per step; GenAI's
+# cos_cache/sin_cache, g3export's rope_*_table from onnx_passes._fuse_rotary), and the copy of
 # the zero points that only the embedding lookup's GatherBlockQuantized reads (one row)
-_NOT_READ_WHOLE = ("cos_cache", "sin_cache", "zero_points_gather")
+_NOT_READ_WHOLE = ("cos_cache", "sin_cache", "zero_points_gather", "rope_cos", "rope_sin")
 
 
 def graph_weight_bytes(onnx_file: Path) -> int:

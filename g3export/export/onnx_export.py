@@ -39,19 +39,24 @@ mod S_i (g3export.modeling.cache).
 Graph details that matter for memory and speed (the passes run in this order after export):
 * `_tie_lm_head`: the tied 262144-row embedding is ONE initializer, stored transposed as
   [1, hidden, vocab]: `Gather(axis=2)` reads it for the lookup and the lm_head is a `MatMul` on
-  it. The 3-D shape keeps ORT from pre-packing it; MLAS's unpacked single-row kernel streams it
+  it, on the token rows [B, T, hidden] as they come (no Reshape around it, whose copy of the
+  logits into the bound output buffer was 1 MB per 270M decode step). The 3-D shape keeps ORT
+  from pre-packing it; MLAS's unpacked single-row kernel streams it
   faster (0.85x the time of the packed `Gemm(transB=1)` it replaced, benchmarks/lm_head.py).
   ONNX Runtime graphs only: TensorRT targets export with tie_lm_head=False and keep torch.onnx's
   [vocab, hidden] form, which TensorRT stores once (this layout twice; g3export.export.trt.graph).
   Last (after quantization), a float lm_head becomes an `If` on the row count: the 3-D weight
   for one row, a 2-D view of the same bytes (pre-packed by ORT) for a batched decode step
-  (g3export.export.onnx_lm_head: at 8 rows the 3-D weight is 3x slower).
+  (g3export.export.onnx_lm_head: at 8 rows the 3-D weight is 3x slower), and a quantized one a
+  MatMulNBits (g3export.export.onnx_quant), which takes the B*T rows in one GEMM.
 * `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
   `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
   nothing to fold and no weight is transposed at session start.
 * `_fuse_rms_norm`: Gemma's RMSNorm (7 nodes) -> SimplifiedLayerNormalization.
 * For the ONNX Runtime translation only (the TensorRT graphs keep standard ONNX):
-  `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding,
+  `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding
+  reading constant cos/sin tables of max_context positions at the model's positions (no RoPE
+  work per step; four tables of max_context x head_dim/2: 17 MB in fp32 at 8192 positions),
   `_fuse_sibling_matmuls` makes q/k/v (and, in quantized graphs, gate/up: its docstring says
   why not in float ones) one MatMul each on weights concatenated along N (initializer named
   "a.T+b.T+...", which verify splits back), followed by a Split, and
@@ -199,7 +204,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     _fuse_rms_norm(m)
     for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
     if for_ort:
-        _fuse_rotary(m)  # an ONNX Runtime contrib op: only in graphs for ONNX Runtime
+        _fuse_rotary(m, max_context)  # ONNX Runtime contrib op: only in graphs for ORT
         _fuse_sibling_matmuls(m, min_group=2 if quant is not None else 3)  # gate/up: quantized
         _fuse_skip_norm(m)
         _cancel_transposes(m)

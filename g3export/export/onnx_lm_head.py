@@ -9,8 +9,11 @@ machine, 2026-12-02): 3-D 19.5 / 76.9 / 86.8 ms at 1 / 2 / 8 rows, MLAS's pre-pa
 
 `split_lm_head_by_rows` keeps both kernels and picks one per call:
 
-    If(rows == 1, then: MatMul(x, E^T [1, hidden, vocab]),            # unpacked, one row
-                  else: MatMul(x, E^T viewed as [hidden, vocab]))     # pre-packed by ORT
+    If(rows == 1, then: MatMul(x, E^T [1, hidden, vocab]),             # unpacked, one row
+                  else: Reshape(MatMul(Reshape(x, [rows, hidden]),     # pre-packed by ORT
+                                       E^T viewed as [hidden, vocab]), [B, T, vocab]))
+
+with rows = B*T for x [B, T, hidden] (T is 1 but in an all-logits build).
 
 The 2-D initializer is an alias of E^T's bytes (the writer points both at one range of the .data
 file, g3export.export.stream): the build holds the lm_head once. In memory, ONNX Runtime keeps
@@ -51,25 +54,30 @@ def split_lm_head_by_rows(m: ir.Model) -> bool:
                   const_value=StreamTensor(st.recipe.reshape((hidden, vocab)), EMBED_T + ".2d",
                                            alias_of=EMBED_T))
     g.register_initializer(w2)
-    x = mm.inputs[0]  # [1, rows, hidden] (_tie_lm_head flattened the batch and positions)
+    x = mm.inputs[0]  # [B, T, hidden]
 
     one_row = ir.node("MatMul", [x, et])
     then_g = ir.Graph([], one_row.outputs, nodes=[one_row], name="lm_head_one_row")
     flat = ir.node("Reshape", [x, _int64_initializer(g, "lm_head_rows_hidden", [-1, hidden])])
     packed = ir.node("MatMul", [flat.outputs[0], w2])
-    back = ir.node("Reshape", [packed.outputs[0],
-                               _int64_initializer(g, "lm_head_1_rows_vocab", [1, -1, vocab])])
-    else_g = ir.Graph([], back.outputs, nodes=[flat, packed, back], name="lm_head_rows")
+    lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
+    shape = ir.node("Concat", [lead.outputs[0], _int64_initializer(g, "lm_head_vocab", [vocab])],
+                    attributes={"axis": 0})
+    back = ir.node("Reshape", [packed.outputs[0], shape.outputs[0]])
+    else_g = ir.Graph([], back.outputs, nodes=[flat, packed, lead, shape, back],
+                      name="lm_head_rows")
 
     # a subgraph names its values from its own counter: name them, so they cannot repeat an
     # outer name (ONNX graphs are single-assignment across scopes)
-    for n, out in ((one_row, "one_row"), (flat, "flat"), (packed, "packed"), (back, "rows")):
+    for n, out in ((one_row, "one_row"), (flat, "flat"), (packed, "packed"), (lead, "lead"),
+                   (shape, "shape"), (back, "rows")):
         n.outputs[0].name = f"lm_head_{out}"
-    rows = ir.node("Shape", [x], attributes={"start": 1, "end": 2})
+    dims = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
+    rows = ir.node("ReduceProd", [dims.outputs[0]], attributes={"keepdims": 1})
     is_one = ir.node("Equal", [rows.outputs[0], _int64_initializer(g, "lm_head_one", [1])])
     pick = ir.node("If", [is_one.outputs[0]],
                    attributes={"then_branch": then_g, "else_branch": else_g})
-    g.insert_before(mm, [rows, is_one, pick])
+    g.insert_before(mm, [dims, rows, is_one, pick])
     _take_over(mm.outputs[0], pick.outputs[0])
     g.remove(mm, safe=True)
     return True

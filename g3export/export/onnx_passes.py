@@ -14,7 +14,11 @@ import functools
 
 import numpy as np
 import onnx_ir as ir
+import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.tensor_adapters import TorchTensor
 
+from ..dtypes import DTYPES
 from .stream import Recipe, StreamTensor, stream_tensor
 
 
@@ -43,8 +47,8 @@ def _int64_initializer(g: ir.Graph, name: str, values: list[int]) -> ir.Value:
 def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
     """Store the tied embedding once, as E^T of shape [1, hidden, vocab], for both of its uses:
 
-        Gather(E, ids)          -> Squeeze(Transpose(Gather(E^T, ids, axis=2), [2, 3, 1, 0]), 3)
-        MatMul(x, Transpose(E)) -> Reshape(MatMul(Reshape(x, [1, -1, hidden]), E^T), [..., vocab])
+        Gather(E, ids)          -> Squeeze(Transpose(Gather(E^T, ids, axis=2), [0, 2, 3, 1]), 0)
+        MatMul(x, Transpose(E)) -> MatMul(x, E^T)
 
     Why this layout (measured on ONNX Runtime 1.32's CPU, 2 threads, 270M:
     benchmarks/lm_head.py): a 2-D constant MatMul/Gemm weight is pre-packed by MLAS at session
@@ -52,8 +56,18 @@ def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
     MLAS's unpacked single-row kernel, which runs when the weight is 3-D (ORT pre-packs only 2-D
     weights): 24.2 vs 28.6 ms median. The lm_head is the largest read of a 270M decode step. The
     other Linear weights stay 2-D: for their sizes (0.6-5 MB) the packed path measured faster,
-    at one row and at 512. x is flattened to [1, B*T, hidden] so a batch reads the weight once.
-    The lookup gathers `hidden` strided elements per token (cheap). torch.onnx's own form,
+    at one row and at 512. x [B, T, hidden] is left as it comes: for one row (B*T = 1) the
+    MatMul is the unpacked kernel, and the passes that follow own what more rows need (the float
+    lm_head's If on the row count, g3export.export.onnx_lm_head, whose batched branch flattens
+    the rows onto a pre-packed 2-D view so a batch reads the weight once; a quantized lm_head's
+    MatMulNBits, which takes [B, T, hidden] as B*T rows of one GEMM). No Reshape of the logits,
+    which would copy them (1 MB per 270M decode step) into the bound output buffer.
+    The lookup gathers `hidden` strided elements per token (6.9 ms for a 512-token prefill of
+    the 270M; GenAI's graph, which keeps a second, transposed copy of the table in memory, reads
+    rows in 0.2 ms), and its Transpose moves one axis (hidden, to the end), which ONNX Runtime's
+    CPU Transpose does in a fast path: 1.06 ms where the perm [2, 3, 1, 0] it replaced took
+    3.07 ms, same result (`benchmarks/prefill_profile.py --runs 3 --threads 2` on the 270M fp32,
+    2-vCPU Xeon, 2026-12-03; BENCHMARKS.md 1.8). torch.onnx's own form,
     MatMul(x, Transpose(E)), would make ORT's constant folding store a second, transposed copy
     of the embedding (1 GiB at 12B bf16).
     """
@@ -72,8 +86,8 @@ def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
         axis = node.attributes.get("axis")
         if node.op_type == "Gather" and idx == 0 and (axis is None or axis.value == 0):
             gather = ir.node("Gather", [et, node.inputs[1]], attributes={"axis": 2})  # [1,H,B,T]
-            tr = ir.node("Transpose", [gather.outputs[0]], attributes={"perm": [2, 3, 1, 0]})
-            sq = ir.node("Squeeze", [tr.outputs[0], const(f"{node.name}_axis3", [3])])  # [B,T,H]
+            tr = ir.node("Transpose", [gather.outputs[0]], attributes={"perm": [0, 2, 3, 1]})
+            sq = ir.node("Squeeze", [tr.outputs[0], const(f"{node.name}_axis0", [0])])  # [B,T,H]
             g.insert_before(node, [gather, tr, sq])
             _take_over(node.outputs[0], sq.outputs[0])
             g.remove(node, safe=True)
@@ -85,16 +99,7 @@ def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
         for mm, i in list(node.outputs[0].uses()):
             if mm.op_type != "MatMul" or i != 1:
                 raise RuntimeError(f"unexpected use of the transposed embedding: {mm.op_type}")
-            x, y = mm.inputs[0], mm.outputs[0]
-            n_flat = ir.node("Reshape", [x, const(f"{mm.name}_flat_shape", [1, -1, hidden])])
-            n_mm = ir.node("MatMul", [n_flat.outputs[0], et])                   # [1, B*T, V]
-            n_lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
-            n_shape = ir.node("Concat", [n_lead.outputs[0], const(f"{mm.name}_vocab_dim", [vocab])],
-                              attributes={"axis": 0})
-            n_out = ir.node("Reshape", [n_mm.outputs[0], n_shape.outputs[0]])
-            g.insert_before(mm, [n_flat, n_mm, n_lead, n_shape, n_out])
-            _take_over(y, n_out.outputs[0])
-            g.remove(mm, safe=True)
+            mm.replace_input_with(1, et)  # [B, T, hidden] x [1, hidden, vocab]
             n_head += 1
         g.remove(node, safe=True)
     if (n_lookup, n_head) != (1, 1):
@@ -287,25 +292,97 @@ def _fuse_rms_norm(m: ir.Model) -> int:
     return fused
 
 
-def _fuse_rotary(m: ir.Model) -> int:
+def _rope_table(v: ir.Value, rows: int) -> tuple[ir.Value, ir.TensorProtocol] | None:
+    """RoPE's cos (or sin) as a constant table, when `v` is what torch.export writes for
+    g3export.modeling.layers.RotaryEmbedding:
+
+        v = [Cast](Cos|Sin(Unsqueeze(Concat(a, a), 1))),  a = Unsqueeze(Cast(pos, FLOAT), -1) * inv
+
+    with pos the int64 positions [B, T] and inv the layer type's inv_freq [D/2] (a constant).
+    Returns (pos, table) with table[p] = Cos|Sin(p * inv) for p < rows, [rows, D/2], computed in
+    float32 by torch as the model computes it (same multiply, same function) and cast as v is.
+    None for any other form (the caller then keeps the per-step computation)."""
+    p = v.producer()
+    cast_to = None
+    if p is not None and p.op_type == "Cast":
+        cast_to = ir.DataType(p.attributes["to"].value)
+        p = p.inputs[0].producer()
+    if p is None or p.op_type not in ("Cos", "Sin"):
+        return None
+    un = p.inputs[0].producer()
+    cat = un.inputs[0].producer() if un is not None and un.op_type == "Unsqueeze" else None
+    if cat is None or cat.op_type != "Concat" or len(cat.inputs) != 2 \
+            or cat.inputs[0] is not cat.inputs[1] or _const_scalar(un.inputs[1]) != 1 \
+            or cat.attributes["axis"].value not in (-1, 2):
+        return None
+    mul = cat.inputs[0].producer()
+    if mul is None or mul.op_type != "Mul":
+        return None
+    inv = next((x for x in mul.inputs if x.const_value is not None), None)
+    ang = _other(mul, inv) if inv is not None else None
+    un2 = ang.producer() if ang is not None else None
+    cast = un2.inputs[0].producer() if un2 is not None and un2.op_type == "Unsqueeze" else None
+    if cast is None or cast.op_type != "Cast" or _const_scalar(un2.inputs[1]) not in (-1, 2) \
+            or cast.attributes["to"].value != ir.DataType.FLOAT or inv.shape is None \
+            or len(inv.shape) != 1 or inv.dtype != ir.DataType.FLOAT:
+        return None
+    pos = cast.inputs[0]
+    if pos.dtype != ir.DataType.INT64 or pos.shape is None or len(pos.shape) != 2:
+        return None
+    inv_freq = torch.from_numpy(np.array(inv.const_value.numpy(), dtype=np.float32))
+    angles = torch.arange(rows, dtype=torch.float32)[:, None] * inv_freq
+    table = (torch.cos if p.op_type == "Cos" else torch.sin)(angles)
+    if cast_to is not None:
+        table = table.to(next(d.torch for d in DTYPES.values() if d.onnx_type == cast_to))
+    return pos, TorchTensor(table.contiguous(), name=f"rope_{v.name}_table")
+
+
+def _fuse_rotary(m: ir.Model, table_rows: int | None = None) -> int:
     """x * cos + rotate_half(x) * sin  ->  com.microsoft.RotaryEmbedding(x, ids, cos_h, sin_h).
 
     torch.export writes RoPE (Attention.forward) as Slice, Slice, Neg, Concat, Mul, Mul, Add: per
     layer twice (q and k), 12 of a layer's ~60 ORT kernels, each costing a dispatch on a CPU
     decode step. ONNX Runtime's contrib RotaryEmbedding (CPU and CUDA, interleaved=0 is the
-    rotate-half form) does it in one. Its input is x [B, heads, T, D]. Every batch row has its own
-    positions, so the model's cos/sin are [B, 1, T, D]; the op's cos_cache/sin_cache are those
-    rows flattened, [B*T, D/2] (the first half: the two halves are equal), and position_ids
-    [B, T] = arange(B*T) picks row b*T + t for token t of row b (the op's 2-D position_ids form;
-    its [1] form, one offset for all rows, cannot express per-row positions). It then computes
-    exactly the model's expression. One Slice+Reshape per cos/sin table and one position_ids
-    tensor, shared by all layers. Only emitted for the ONNX Runtime translation.
-    Returns the number of rotations fused.
+    rotate-half form) does it in one. Its input is x [B, heads, T, D]; it computes exactly the
+    model's expression, with cos_cache/sin_cache [rows, D/2] (the first half: the two halves of
+    the model's cos/sin are equal) indexed by position_ids [B, T] (the op's 2-D form: every batch
+    row has its own positions; its [1] form, one offset for all rows, cannot express them).
+
+    With `table_rows` (the build's max_context), cos/sin become constant tables of that many
+    positions (_rope_table) and position_ids are the model's positions themselves: no per-step
+    work at all, where computing the angles, Cos, Sin and their slices took 28 of a 270M decode
+    step's 630 kernels. The tables hold rows x D/2 values four times (cos and sin per layer
+    type), in the graph's dtype: 17 MB in fp32 at the default 8192 positions (head_dim 256), and
+    at 131072 positions 268 MB for 4B/12B in fp32, 134 MB in bf16 (a decode step reads one row).
+    ONNX Runtime's CPU kernel rejects a position outside [0, rows) with an error (the runtimes
+    never pass one: they check positions against max_context first).
+    Without it (or for another form of cos/sin), the model's per-step [B, 1, T, D] cos/sin are
+    flattened to [B*T, D/2] by one Slice+Reshape each, and position_ids = arange(B*T) picks row
+    b*T + t for token t of row b.
+
+    Shared by all layers of a type: one table (or Slice+Reshape) per cos/sin and one
+    position_ids. Only emitted for the ONNX Runtime translation. Returns the number of rotations
+    fused.
     """
     g = m.graph
     halves: dict[int, ir.Value] = {}
     ids_memo: list[ir.Value] = []
+    tables: dict[int, tuple[ir.Value, ir.Value] | None] = {}
     const = functools.partial(_int64_initializer, g)
+
+    def table(v: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+        """(positions, table initializer) for a cos/sin value, once per value."""
+        if id(v) not in tables:
+            found = _rope_table(v, table_rows) if table_rows else None
+            tables[id(v)] = (found[0], _add_initializer(g, found[1])) if found else None
+        return tables[id(v)]
+
+    def caches(cos: ir.Value, sin: ir.Value, half: int) -> list[ir.Value]:
+        """RotaryEmbedding's position_ids, cos_cache, sin_cache."""
+        tc, ts = table(cos), table(sin)
+        if tc is not None and ts is not None and tc[0] is ts[0]:
+            return [tc[0], tc[1], ts[1]]
+        return [position_ids(cos), first_half(cos, half), first_half(sin, half)]
 
     def first_half(v: ir.Value, half: int) -> ir.Value:
         if id(v) not in halves:  # one Slice + Reshape per cos/sin table, shared by the layers
@@ -359,8 +436,7 @@ def _fuse_rotary(m: ir.Model) -> int:
         cos = _other(mul_c, x)
         if cos is None or cos.producer() is None or sin.producer() is None:
             continue
-        rot = ir.node("RotaryEmbedding",
-                      [x, position_ids(cos), first_half(cos, h), first_half(sin, h)],
+        rot = ir.node("RotaryEmbedding", [x, *caches(cos, sin, h)],
                       attributes={"interleaved": 0}, domain="com.microsoft")
         y = add.outputs[0]
         g.insert_before(add, rot)
@@ -370,6 +446,8 @@ def _fuse_rotary(m: ir.Model) -> int:
         fused += 1
     if fused:
         m.opset_imports["com.microsoft"] = 1
+    if any(tables.values()):  # the per-step cos/sin computation is now unused
+        RemoveUnusedNodesPass()(m)
     return fused
 
 

@@ -255,33 +255,6 @@ def _ort_linear(g: ir.Graph, v: ir.Value, mm: ir.Node, bits: int, block: int,
     g.initializers.pop(v.name)
 
 
-def _ort_lm_head(g: ir.Graph, mm: ir.Node, q: list[ir.Value], hidden: int, vocab: int,
-                 bits: int, block: int) -> None:
-    """The lm_head MatMul -> MatMulNBits on the token rows as they come. _tie_lm_head wrote
-    Reshape(MatMul(Reshape(x, [1, -1, hidden]), E^T), Concat(Shape(x)[:-1], [vocab])) for the
-    float MatMul (one weight read for a batch); MatMulNBits already takes x [B, T, hidden] as
-    B*T rows of one GEMM, so the two Reshapes go: the logits come straight out of the kernel
-    into the bound output buffer, where the last Reshape copied them (1 MB per 270M decode step,
-    ~0.1 ms in an ORT profile of the 270M int4 step) and three small kernels fewer."""
-    flat = mm.inputs[0].producer()
-    uses = list(mm.outputs[0].uses())
-    back = uses[0][0] if len(uses) == 1 and uses[0][1] == 0 else None
-    shape = back.inputs[1].producer() if back is not None and back.op_type == "Reshape" else None
-    lead = shape.inputs[0].producer() if shape is not None and shape.op_type == "Concat" else None
-    x = flat.inputs[0] if flat is not None and flat.op_type == "Reshape" else None
-    if x is None or lead is None or lead.op_type != "Shape" or lead.inputs[0] is not x \
-            or len(list(flat.outputs[0].uses())) != 1:
-        _replace_matmul(g, mm, [_matmul_nbits(mm.inputs[0], q, hidden, vocab, bits, block)])
-        return
-    nb = _matmul_nbits(x, q, hidden, vocab, bits, block)
-    _replace_matmul(g, back, [nb])
-    for dead in (mm, flat):
-        g.remove(dead, safe=True)
-    for dead in (shape, lead):
-        if not list(dead.outputs[0].uses()):
-            g.remove(dead, safe=True)
-
-
 def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int, sym: bool = True) -> None:
     from .onnx_passes import _int64_initializer, _take_over
 
@@ -292,8 +265,10 @@ def _ort_embedding(g: ir.Graph, v: ir.Value, bits: int, block: int, sym: bool = 
     flat = _int64_initializer(g, f"{v.name}_lookup_shape", [0, 0, hidden])
     n_lookup = n_head = 0
     for node, idx in list(v.uses()):
-        if node.op_type == "MatMul" and idx == 1:
-            _ort_lm_head(g, node, q[:3], hidden, vocab, bits, block)
+        if node.op_type == "MatMul" and idx == 1:  # the lm_head, x [B, T, hidden] as it comes
+            # (_tie_lm_head): MatMulNBits takes it as B*T rows and writes the logits output
+            _replace_matmul(g, node, [_matmul_nbits(node.inputs[0], q[:3], hidden, vocab, bits,
+                                                    block)])
             n_head += 1
             continue
         axis = node.attributes.get("axis")

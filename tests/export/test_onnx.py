@@ -226,8 +226,11 @@ def test_embedding_stored_once(built):
     emb_bytes = emb.numel() * emb.element_size()
     assert sum(1 for s in ranges.values() if s == emb_bytes) == 1
     params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # RoPE's cos and sin tables per layer type (onnx_passes._fuse_rotary), [max_context, D/2]
+    cfg = model.config.text
+    rope = 2 * len(set(cfg.layer_types)) * MAX_CONTEXT * cfg.head_dim // 2 * 4
     # every parameter once, plus a few bytes of inline shape constants
-    assert params <= sum(ranges.values()) < params + 4096
+    assert params + rope <= sum(ranges.values()) < params + rope + 4096
     # and ORT does not fold a transposed copy either (a batch-1 session: the run command's)
     opt = out.parent / "opt.onnx"
     ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt),
@@ -242,7 +245,9 @@ def test_embedding_stored_once(built):
 
 def test_graph_passes_applied(built):
     """The exporter's rewrites for ONNX Runtime took effect on this graph (parity is checked by
-    the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, q/k/v one MatMul
+    the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, reading constant
+    cos/sin tables of max_context positions (one pair per layer type) at the model's positions,
+    with nothing of RoPE computed per step (no Cos/Sin), q/k/v one MatMul
     on concatenated weights (gate/up are not fused in a float graph: _fuse_sibling_matmuls),
     residual Adds fused into the next norm, and
     the tied embedding read by a Gather and a MatMul on the same [1, hidden, vocab] initializer."""
@@ -253,6 +258,15 @@ def test_graph_passes_applied(built):
     ops = [n.op_type for n in m.graph]
     layers = model.config.text.num_hidden_layers
     assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
+    assert "Cos" not in ops and "Sin" not in ops
+    rotary = [n for n in m.graph if n.op_type == "RotaryEmbedding"]
+    tables = {id(v): v for n in rotary for v in n.inputs[2:]}
+    head_dim, types = model.config.text.head_dim, set(model.config.text.layer_types)
+    assert len(tables) == 2 * len(types) == 4  # cos and sin, sliding and full
+    assert all(list(v.shape) == [MAX_CONTEXT, head_dim // 2] and v.const_value is not None
+               for v in tables.values())
+    (positions,) = {id(n.inputs[1]): n.inputs[1] for n in rotary}.values()
+    assert positions.producer().op_type == "Add"  # start_pos + arange(T): the model's positions
     fused = [tuple(p.split(".")[-3] for p in k.split("+"))
              for k in m.graph.initializers if "+" in k and k.endswith(".T")]
     assert sorted(fused) == [("q_proj", "k_proj", "v_proj")] * layers
