@@ -446,7 +446,8 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             op.ReduceMax(image_groups, keepdims=0), op.Constant(value_int=0)))
 
     def bsd(x, n, one_token=False):  # [B,n,T,D] -> [B,T,n*D], GQA's layout: the same bytes,
-        # no copy, when n == 1 or T == 1
+        # no copy, when n == 1 or T == 1 (for q, onnx_passes._late_q_transpose removes this
+        # Transpose and the model's before it: q arrives as [B,T,H*D])
         if n > 1 and not one_token:
             x = op.Transpose(x, perm=[0, 2, 1, 3])
         return op.Reshape(x, _ints(0, -1, n * head_dim))

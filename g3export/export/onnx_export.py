@@ -57,6 +57,9 @@ Graph details that matter for memory and speed (the passes run in this order aft
   `_fuse_rotary` turns RoPE (7 nodes, twice per layer) into com.microsoft.RotaryEmbedding
   reading constant cos/sin tables of max_context positions at the model's positions (no RoPE
   work per step; four tables of max_context x head_dim/2: 17 MB in fp32 at 8192 positions),
+  `_late_q_transpose` keeps q in [B, T, H, D] through its norm and RoPE so that only the
+  attention branches that want [B, H, T, D] transpose it (not the first chunk's GQA, which wants
+  [B, T, H*D], nor a decode step, where T = 1 makes the two the same bytes),
   `_fuse_sibling_matmuls` makes q/k/v (and, in quantized graphs, gate/up: its docstring says
   why not in float ones) one MatMul each on weights concatenated along N (initializer named
   "a.T+b.T+...", which verify splits back), followed by a Split, and
@@ -93,6 +96,7 @@ from .graph_io import OPSET, ComponentIO, TensorSpec, text_io
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
 from .onnx_passes import (_cancel_transposes, _drop_unused_initializers, _fold_weight_transposes,
                           _fuse_rms_norm, _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm,
+                          _late_q_transpose,
                           _merge_reshapes, _strip_metadata, _take_over, _tie_lm_head,
                           _unit_transposes_to_reshape)
 from .stream import attach_recipes, save_with_external_data
@@ -205,6 +209,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     for_ort = translation_table is None or translation_table is TRANSLATION_TABLE
     if for_ort:
         _fuse_rotary(m, max_context)  # ONNX Runtime contrib op: only in graphs for ORT
+        _late_q_transpose(m)
         _fuse_sibling_matmuls(m, min_group=2 if quant is not None else 3)  # gate/up: quantized
         _fuse_skip_norm(m)
         _cancel_transposes(m)

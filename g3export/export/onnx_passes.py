@@ -451,6 +451,93 @@ def _fuse_rotary(m: ir.Model, table_rows: int | None = None) -> int:
     return fused
 
 
+def _late_q_transpose(m: ir.Model) -> int:
+    """q stays [B, T, H, D] through its norm and RoPE; only the attention branches that want the
+    op's [B, H, T, D] transpose it. torch's Attention.forward transposes q to [B, H, T, D] first
+    (the g3::attention contract), and ONNX Runtime's GroupQueryAttention, which a first chunk
+    runs, wants [B, T, H*D]: the translation transposed it back (onnx_attention `bsd`), two
+    copies of q per layer per prefill (8.2 of a 512-token 270M prefill's 514 ms, BENCHMARKS.md
+    1.8). After this pass:
+
+        SimplifiedLayerNormalization(view)        [B, T, H, D]   (normalizes the last axis)
+        RotaryEmbedding(Reshape(., [0, 0, H*D]))  [B, T, H*D]    (its 3-D form, same positions)
+
+    and each use of the old [B, H, T, D] value, in the If branches of the translation, becomes:
+    * Reshape(Transpose(q), [0, -1, H*D]) (GQA's first chunk)  -> the 3-D value itself;
+    * a Reshape of q in the decode branch ("step_then": T = 1, where [B, 1, H*D] has the bytes
+      of [B, H, 1, D])                                        -> the same Reshape of it;
+    * any other Reshape (the chunk paths with a cache)         -> of Transpose(Reshape(it,
+      [0, 0, H, D]), [0, 2, 1, 3]) made in that branch.
+    k is left alone (its cache writes read [B, KV, T, D]): a value with any other use is skipped,
+    as are non-fp32 graphs (their uses are Casts). Returns the number of layers rewritten."""
+    from onnx_ir.convenience import get_const_tensor
+
+    g = m.graph
+    n_done = 0
+    for rot in [n for n in g if n.op_type == "RotaryEmbedding"]:
+        sln = rot.inputs[0].producer()
+        tr = sln.inputs[0].producer() if sln is not None and \
+            sln.op_type == "SimplifiedLayerNormalization" else None
+        perm = tr.attributes.get("perm") if tr is not None and tr.op_type == "Transpose" else None
+        if perm is None or list(perm.value) != [0, 2, 1, 3] or len(list(sln.outputs[0].uses())) != 1 \
+                or len(list(tr.outputs[0].uses())) != 1:
+            continue
+        view = tr.inputs[0]
+        if view.shape is None or len(view.shape) != 4 or \
+                not all(isinstance(x, int) for x in view.shape[2:]):
+            continue
+        h, d = view.shape[2], view.shape[3]
+        q = rot.outputs[0]
+
+        def target(node: ir.Node) -> list[int] | None:
+            t = get_const_tensor(node.inputs[1]) if node.op_type == "Reshape" else None
+            return t.numpy().tolist() if t is not None else None
+
+        plan = []  # (kind, node)
+        for user, _ in q.uses():
+            nxt = list(user.outputs[0].uses()) if user.op_type == "Transpose" else []
+            if user.op_type == "Transpose" and list(user.attributes["perm"].value) == [0, 2, 1, 3] \
+                    and len(nxt) == 1 and target(nxt[0][0]) == [0, -1, h * d]:
+                plan.append(("gqa", user))
+            elif user.op_type == "Reshape" and target(user) is not None:
+                plan.append(("step" if user.graph is not None and user.graph.name == "step_then"
+                             else "chunk", user))
+            else:
+                plan = []
+                break
+        if not plan:
+            continue  # not q: k also feeds its cache writes and the score products
+        flat_shape = _int64_initializer(g, f"{q.name}_q3_shape", [0, 0, h * d])
+        heads_shape = _int64_initializer(g, f"{q.name}_q4_shape", [0, 0, h, d])
+        sln.replace_input_with(0, view)
+        sln.outputs[0].shape = view.shape
+        flat = ir.node("Reshape", [sln.outputs[0], flat_shape])
+        rot3 = ir.node("RotaryEmbedding", [flat.outputs[0], *rot.inputs[1:]],
+                       attributes={"interleaved": 0}, domain="com.microsoft")
+        g.insert_before(rot, [flat, rot3])
+        flat.outputs[0].name = f"{q.name}_flat"
+        q3 = rot3.outputs[0]
+        q3.name = f"{q.name}_q3"  # named: a subgraph names its own values from its own counter,
+        # which can repeat an outer name (ONNX graphs are single-assignment across scopes)
+        for i, (kind, user) in enumerate(plan):
+            sub = user.graph
+            if kind == "gqa":
+                (reshape, _), = list(user.outputs[0].uses())
+                reshape.outputs[0].replace_all_uses_with(q3)
+                sub.remove([reshape, user], safe=True)
+            elif kind == "step":
+                user.replace_input_with(0, q3)
+            else:
+                r = ir.node("Reshape", [q3, heads_shape])
+                t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+                sub.insert_before(user, [r, t])
+                r.outputs[0].name, t.outputs[0].name = f"{q.name}_q4_{i}", f"{q.name}_qt_{i}"
+                user.replace_input_with(0, t.outputs[0])
+        g.remove([rot, tr], safe=True)
+        n_done += 1
+    return n_done
+
+
 def _unit_transposes_to_reshape(m: ir.Model) -> int:
     """Transpose that moves only axes of static size 1 -> Reshape (the same bytes in the same
     order, so no copy). On the 1-KV-head sizes (270M, 1B) the k/v [B,T,1,D] -> [B,1,T,D]

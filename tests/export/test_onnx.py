@@ -127,9 +127,10 @@ def test_one_kv_head_first_chunk_and_transposes(tmp_path):
     graph = onnx.load(str(out / "text.onnx"), load_external_data=False).graph
     layers = cfg.text.num_hidden_layers
     main_ops = [n.op_type for n in graph.node]
-    # per layer: q's [B,T,H,D] -> [B,H,T,D]; k and v are Reshapes now, and the output's way
-    # back cancels the translation's own transpose (onnx_passes._cancel_transposes)
-    assert main_ops.count("Transpose") == layers + 1  # + the embedding lookup's
+    # none per layer: q stays [B,T,H,D] through norm and RoPE (onnx_passes._late_q_transpose),
+    # k and v are Reshapes now, and the output's way back cancels the translation's own
+    # transpose (onnx_passes._cancel_transposes)
+    assert main_ops.count("Transpose") == 1  # the embedding lookup's
     # and torch's view before each is merged into it (onnx_passes._merge_reshapes)
     made_by = {o: n.op_type for n in graph.node for o in n.output}
     assert not [n for n in graph.node if n.op_type == "Reshape" and made_by.get(n.input[0]) == "Reshape"]
@@ -138,8 +139,9 @@ def test_one_kv_head_first_chunk_and_transposes(tmp_path):
     full = cfg.text.layer_types.count("full_attention")
     assert full > 0
     assert inner.count("GroupQueryAttention") == layers + full
-    # GQA's q in; the other chunk branches' outputs to [B,T,H,D]; k, v and GQA's output: none
-    assert inner.count("Transpose") == 3 * layers
+    # the two chunk branches with a mask: q in to [B,H,T,D] and the output back to [B,T,H,D];
+    # the first chunk's GQA (q, k, v and its output) and the decode step: none
+    assert inner.count("Transpose") == 4 * layers
     sess = OrtSession.from_build(out, batch=2)
     ref = TorchSession(model, MAX_CONTEXT, batch=2)
     prompt = np.random.default_rng(3).integers(0, 512, (2, 40))
