@@ -298,7 +298,8 @@ def _rope_table(v: ir.Value, rows: int) -> tuple[ir.Value, ir.TensorProtocol] | 
 
         v = [Cast](Cos|Sin(Unsqueeze(Concat(a, a), 1))),  a = Unsqueeze(Cast(pos, FLOAT), -1) * inv
 
-    with pos the int64 positions [B, T] and inv the layer type's inv_freq [D/2] (a constant).
+    with pos the int64 positions [B, T] and inv the layer type's inv_freq [D/2] (a constant, or
+    in an fp16/bf16 graph a Cast to float of one).
     Returns (pos, table) with table[p] = Cos|Sin(p * inv) for p < rows, [rows, D/2], computed in
     float32 by torch as the model computes it (same multiply, same function) and cast as v is.
     None for any other form (the caller then keeps the per-step computation)."""
@@ -318,18 +319,26 @@ def _rope_table(v: ir.Value, rows: int) -> tuple[ir.Value, ir.TensorProtocol] | 
     mul = cat.inputs[0].producer()
     if mul is None or mul.op_type != "Mul":
         return None
-    inv = next((x for x in mul.inputs if x.const_value is not None), None)
-    ang = _other(mul, inv) if inv is not None else None
+    def float_const(x: ir.Value):  # a constant, or a Cast to float of one (an fp16/bf16
+        # model's inv_freq buffer, which the model casts up to multiply): its float32 values
+        c = x.producer()
+        if c is not None and c.op_type == "Cast" and c.attributes["to"].value == ir.DataType.FLOAT:
+            x = c.inputs[0]
+        return x.const_value.numpy().astype(np.float32) if x.const_value is not None else None
+
+    inv_freq = ang = None
+    for x in mul.inputs:
+        if (values := float_const(x)) is not None:
+            inv_freq, ang = values, _other(mul, x)
     un2 = ang.producer() if ang is not None else None
     cast = un2.inputs[0].producer() if un2 is not None and un2.op_type == "Unsqueeze" else None
     if cast is None or cast.op_type != "Cast" or _const_scalar(un2.inputs[1]) not in (-1, 2) \
-            or cast.attributes["to"].value != ir.DataType.FLOAT or inv.shape is None \
-            or len(inv.shape) != 1 or inv.dtype != ir.DataType.FLOAT:
+            or cast.attributes["to"].value != ir.DataType.FLOAT or inv_freq.ndim != 1:
         return None
     pos = cast.inputs[0]
     if pos.dtype != ir.DataType.INT64 or pos.shape is None or len(pos.shape) != 2:
         return None
-    inv_freq = torch.from_numpy(np.array(inv.const_value.numpy(), dtype=np.float32))
+    inv_freq = torch.from_numpy(inv_freq)
     angles = torch.arange(rows, dtype=torch.float32)[:, None] * inv_freq
     table = (torch.cos if p.op_type == "Cos" else torch.sin)(angles)
     if cast_to is not None:

@@ -94,6 +94,13 @@ def test_fp16_graph_parity(tmp_path):
     b, tb = _greedy_run(TorchSession(model, MAX_CONTEXT), prompt, [5, 11, 24], 12)
     assert ta == tb
     assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 0.1
+    # RoPE reads fp16 tables here too (the model's fp16 inv_freq is cast up before its multiply)
+    import onnx_ir as ir
+
+    m = ir.load(out / "text.onnx")
+    assert not [n for n in m.graph if n.op_type in ("Cos", "Sin")]
+    tables = [v for k, v in m.graph.initializers.items() if k.startswith("rope_")]
+    assert len(tables) == 4 and all(v.dtype == ir.DataType.FLOAT16 for v in tables)
 
 
 def _branch_ops(graph) -> list[str]:
