@@ -56,23 +56,21 @@ def split_lm_head_by_rows(m: ir.Model) -> bool:
     g.register_initializer(w2)
     x = mm.inputs[0]  # [B, T, hidden]
 
+    dims = ir.node("Shape", [x], attributes={"start": 0, "end": -1})  # [B, T]
     one_row = ir.node("MatMul", [x, et])
     then_g = ir.Graph([], one_row.outputs, nodes=[one_row], name="lm_head_one_row")
     flat = ir.node("Reshape", [x, _int64_initializer(g, "lm_head_rows_hidden", [-1, hidden])])
     packed = ir.node("MatMul", [flat.outputs[0], w2])
-    lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
-    shape = ir.node("Concat", [lead.outputs[0], _int64_initializer(g, "lm_head_vocab", [vocab])],
+    shape = ir.node("Concat", [dims.outputs[0], _int64_initializer(g, "lm_head_vocab", [vocab])],
                     attributes={"axis": 0})
     back = ir.node("Reshape", [packed.outputs[0], shape.outputs[0]])
-    else_g = ir.Graph([], back.outputs, nodes=[flat, packed, lead, shape, back],
-                      name="lm_head_rows")
+    else_g = ir.Graph([], back.outputs, nodes=[flat, packed, shape, back], name="lm_head_rows")
 
     # a subgraph names its values from its own counter: name them, so they cannot repeat an
     # outer name (ONNX graphs are single-assignment across scopes)
-    for n, out in ((one_row, "one_row"), (flat, "flat"), (packed, "packed"), (lead, "lead"),
-                   (shape, "shape"), (back, "rows")):
+    for n, out in ((one_row, "one_row"), (flat, "flat"), (packed, "packed"), (shape, "shape"),
+                   (back, "rows")):
         n.outputs[0].name = f"lm_head_{out}"
-    dims = ir.node("Shape", [x], attributes={"start": 0, "end": -1})
     rows = ir.node("ReduceProd", [dims.outputs[0]], attributes={"keepdims": 1})
     is_one = ir.node("Equal", [rows.outputs[0], _int64_initializer(g, "lm_head_one", [1])])
     pick = ir.node("If", [is_one.outputs[0]],
