@@ -80,21 +80,37 @@ three outputs are the attention product and the two caches:
   the cache (a cache full of NaN leaves its logits unchanged) and that a later chunk does.
   A first chunk of text only (no image token, whose block mask is not causal) in an fp32 graph
   goes one step further: `com.microsoft.GroupQueryAttention` on the chunk's q/k/v ([B,T,n*D];
-  no past, seqlens T-1 per row, `local_window_size` = W on sliding layers, `scale`), ONNX
-  Runtime's fused kernel that GenAI runs: on the 270M it cut a 512-token prefill's CPU time by
-  4% (benchmarks/ort_ab.py, BENCHMARKS.md section 1.1). Its window: in ONNX Runtime 1.32's CPU
+  seqlens T-1 per row, `local_window_size` = W on sliding layers, `scale`), ONNX Runtime's
+  fused kernel that GenAI runs: on the 270M it cut a 512-token prefill's CPU time by 4%
+  (benchmarks/ort_ab.py, BENCHMARKS.md section 1.1). Its window: in ONNX Runtime 1.32's CPU
   kernel a query sees itself and the W-1 keys before it when local_window_size = W (measured;
   the parity test past the window, tests/export/test_onnx.py, pins it). fp16/bf16 graphs, the
   ones built for CUDA, keep the branch below: ORT's CUDA GQA kernel takes fp16/bf16 only and
   the attention here computes in fp32, so a fp32 GQA would run on the CPU there (an fp32 graph
   on the CUDA provider does that: correct, slower).
+  That GQA also writes the chunk into the cache and rotates q and k, as GenAI's does: the cache
+  is its past_key/past_value, and since every row starts at 0 the chunk's slots are its
+  positions 0..T-1, which it writes through its present outputs. Those are the `If`s' own
+  outputs down to the bound present_* buffers, the same memory as past_*, so GQA writes in
+  place (tests/export/test_onnx.py::test_first_chunk_writes_only_its_slots: the other slots
+  keep their values; with present a separate buffer GQA zeroes them). Only while the chunk
+  fits: T <= S on a sliding ring (always on a full layer, S = max_context); a longer first
+  chunk takes the product below. RoPE: onnx_passes._rotary_into_gqa sets do_rotary with the
+  graph's cos/sin tables and moves the RotaryEmbedding nodes into the branches that still
+  need them. So a first chunk runs neither the two RotaryEmbeddings nor the update Slice and
+  ScatterND of each layer (36 + 72 kernels fewer on the 270M: a 512-token prefill runs 543
+  kernels, 661 before; BENCHMARKS.md section 1.9). Every chunk path writes its own chunk: the
+  attention `If`s return the product and both caches.
   A second `If` inside the first-chunk branch picks GQA or the product below; the bias `If`
   likewise skips building the first chunk's mask for GQA.
-  Measured and not kept: letting GQA also write a sliding layer's first chunk (the ring as its
-  past_key/past_value, T <= S so slot = position; present is the ring's buffer) in place of
-  the update Slices and ScatterNDs: a 512-token prefill took x1.046 and x1.013 the CPU time
-  (benchmarks/ort_ab.py, 2026-12-02, AVX2 EPYC); ORT's profiler put GQA with a past at ~1.3x
-  its time without one.
+  Measured (benchmarks/ort_ab.py, 270M fp32, 512-token prefill, 2-vCPU AVX-512 Xeon;
+  BENCHMARKS.md section 1.9): the write in GQA alone took x0.998 the prefill's CPU time
+  (2026-12-03), the write and RoPE together x0.968 and x0.982 that day and x0.978 and x0.985
+  (either load order) on 2026-12-04, decode steps unchanged (x1.009, x1.008; one run right
+  after building read x1.040 and x1.35, which did not reproduce), and x0.964 of the wall time
+  paired with decode x1.007 in compare_ort_genai's steps run. On the AVX2 EPYC
+  of 2026-12-02 the write alone took x1.046 and x1.013 and was not kept then (ORT's profiler put
+  GQA with a past at ~1.3x its time without one there); the two together are not measured there.
   Measured and not kept: a sliding layer's decode step (fp32, S <= W) through GQA in ORT's
   "shared KV" form (the step written into the ring by ScatterND as now, then GQA with no new
   key, key/value [B,0,KV*D], the written ring as its past, seqlens_k = min(start_b, S-1),
@@ -152,10 +168,9 @@ every read of the old cache must run before the write. The graph enforces it by 
 ([B,T,H,D] or [B,T,H*D]: its T), not from q or k, so the ScatterND cannot be
 scheduled before the attention has consumed the old cache. The shape is symbolic (T is dynamic),
 so neither the exporter's nor ORT's constant folding can remove it (and the test below checks
-that ORT's optimizer has not rewired it to another value's Shape). The attention
-product is the output of the layer's `If`, whose else-branch reads the cache (ONNX Runtime counts
-the outer-scope values a subgraph reads as the `If` node's inputs), so the write still follows
-every read. `tests/export/test_onnx.py::test_write_depends_on_attention` checks both orders on
+that ORT's optimizer has not rewired it to another value's Shape). Each chunk path writes in
+its own branch, after its own attention (a first chunk's GQA reads and writes in one kernel,
+the only node of its branch that touches the cache). `tests/export/test_onnx.py::test_write_depends_on_attention` checks both orders on
 the model that ORT actually runs (saved with optimized_model_filepath at ORT_ENABLE_ALL;
 `cache_writes_ordered`: every other reader of a cache in the ScatterND's graph is one of its
 ancestors), and the chunked-prefill parity tests would fail if a ring slot were overwritten
@@ -201,6 +216,12 @@ from onnxscript import opset18 as op
 from ..modeling import attention as _attention  # noqa: F401  (registers torch.ops.g3.attention)
 
 _FLOAT = ir.DataType.FLOAT
+
+# Names of the branch graphs that graph passes look for (an `If` named N has branches N_then and
+# N_else): the decode step's (onnx_passes._late_q_transpose) and a first chunk's GQA
+# (onnx_passes._rotary_into_gqa)
+DECODE_BRANCH = "step_then"
+FIRST_CHUNK_GQA_BRANCH = "attention_first_then"
 
 
 def _declare(domain: str, name: str, version: int, inputs, outputs, types, attributes):
@@ -435,15 +456,19 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         probs = op.Softmax(op.Add(scores(grouped_q(), k), bias), axis=-1)
         return bthd(op.MatMul(probs, f32(v)))
 
-    # a first chunk of text only, in an fp32 graph: ONNX Runtime's fused GroupQueryAttention
-    # (causal, and the window on sliding layers) on the chunk's q/k/v (module docstring)
-    gqa_ok = q.dtype == _FLOAT
+    # a first chunk of text only, in an fp32 graph, that fits the cache: ONNX Runtime's fused
+    # GroupQueryAttention (causal, and the window on sliding layers) on the chunk's q/k/v, which
+    # also writes the chunk into the cache (module docstring)
+    gqa_ok = q.dtype == _FLOAT and k_cache.dtype == _FLOAT
     if gqa_ok:
         seqlens = _shared(key + ("gqa_seqlens",), lambda: op.Cast(  # [B] int32: T - 1 per row
             op.Expand(op.Sub(t_q, one), op.Shape(image_groups, start=0, end=1)), to=ir.DataType.INT32))
         total = _shared(key + ("gqa_total",), lambda: op.Cast(t_scalar, to=ir.DataType.INT32))
         text = _shared(key + ("text",), lambda: op.Less(  # no image token in the chunk
             op.ReduceMax(image_groups, keepdims=0), op.Constant(value_int=0)))
+        # slot = position for every token of a first chunk only while T <= S (sliding rings)
+        gqa_first = _shared(key + ("gqa_first", slots), lambda: op.And(
+            text, op.LessOrEqual(t_scalar, _int(slots))))
 
     def bsd(x, n, one_token=False):  # [B,n,T,D] -> [B,T,n*D], GQA's layout: the same bytes,
         # no copy, when n == 1 or T == 1 (for q, onnx_passes._late_q_transpose removes this
@@ -452,22 +477,18 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
             x = op.Transpose(x, perm=[0, 2, 1, 3])
         return op.Reshape(x, _ints(0, -1, n * head_dim))
 
-    def chunk_gqa():
-        o, _, _ = _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), None, None,
-                            seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
-                            scale=float(scale), local_window_size=window if sliding else -1)
-        return o         # [B,T,H*D]: already in the layer's output order (see `ctx` below)
+    def chunk_gqa():     # -> [B,T,H*D] (already the layer's output order, see `ctx` below) and
+        # the caches: GQA's present outputs, the If's own (bound) outputs, i.e. the same
+        # buffers as k_cache/v_cache, so it writes the chunk's slots 0..T-1 in place
+        return _gqa_op()(bsd(q, heads), bsd(k, kv_heads), bsd(v, kv_heads), k_cache, v_cache,
+                         seqlens, total, num_heads=heads, kv_num_heads=kv_heads,
+                         scale=float(scale), local_window_size=window if sliding else -1)
 
     def first_bias():
         if not gqa_ok:
             return as_bias(chunk_ok())
-        return _if(text, lambda: op.Constant(value_floats=[0.0]),  # unused by the GQA branch
+        return _if(gqa_first, lambda: op.Constant(value_floats=[0.0]),  # unused by GQA
                    lambda: as_bias(chunk_ok()), "bias_first")
-
-    def first_ctx():
-        if not gqa_ok:
-            return chunk_only(bias)
-        return _if(text, chunk_gqa, lambda: chunk_only(bias), "attention_first")
 
     def decode_bias():   # [B,1,G,L] over the cache after this step's write (T = 1)
         if sliding:      # slot s now holds p_s = start_b - ((start_b - s) mod S); < 0: empty
@@ -497,7 +518,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
     # a full layer's decode step in an fp32 graph: GroupQueryAttention over the cache (module
     # docstring); seqlens_k is start_b per row (the step's key lands at slot start_b) and the
     # total length max(start) + 1
-    gqa_dec = gqa_ok and not sliding and k_cache.dtype == _FLOAT
+    gqa_dec = gqa_ok and not sliding
     if gqa_dec:
         dec_seqlens = _shared(key + ("dec_seqlens",), lambda: op.Cast(start, to=ir.DataType.INT32))
         dec_total = _shared(key + ("dec_total",), lambda: op.Cast(
@@ -507,7 +528,7 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
 
     def step_bias():     # GQA's decode step needs none
         return op.Constant(value_floats=[0.0]) if gqa_dec else decode_bias()
-    bias = _shared(key + ("bias", window, slots, groups, gqa_dec), lambda: _if(
+    bias = _shared(key + ("bias", window, slots, groups, gqa_dec, gqa_ok), lambda: _if(
         decode, step_bias, lambda: _if(first, first_bias, make_bias, "bias_chunk"), "bias"))
 
     # ---- the write ---------------------------------------------------------------------------
@@ -560,14 +581,28 @@ def g3_attention(q, k, v, k_cache, v_cache, start_pos, image_groups, window: int
         probs = op.Softmax(op.Add(scores(grouped_q(), k_all), bias), axis=-1)
         return op.MatMul(probs, f32(v_all)), k_new, v_new     # [B,KV,G,D]
 
-    def chunk_step():
-        ctx = _if(first, first_ctx, lambda: with_cache(bias), "attention")
-        end_w = op.Shape(ctx, start=1, end=2)                # [1] T, after attention
-        return (ctx, *write(op.Slice(k, first_w, end_w, axis2),   # [B,KV,n,D]
-                            op.Slice(v, first_w, end_w, axis2)))
+    three = (_FLOAT, k_cache.dtype, v_cache.dtype)
 
-    ctx, k_new, v_new = _if(decode, decode_gqa if gqa_dec else decode_step, chunk_step, "step",
-                            dtypes=(_FLOAT, k_cache.dtype, v_cache.dtype))
+    def then_write(read):  # a chunk path that reads (the attention), then writes the chunk
+        def path():
+            ctx = read()
+            end_w = op.Shape(ctx, start=1, end=2)            # [1] T, after attention
+            return (ctx, *write(op.Slice(k, first_w, end_w, axis2),   # [B,KV,n,D]
+                                op.Slice(v, first_w, end_w, axis2)))
+        return path
+
+    def first_chunk():
+        if not gqa_ok:
+            return then_write(lambda: chunk_only(bias))()
+        return _if(gqa_first, chunk_gqa, then_write(lambda: chunk_only(bias)),
+                   FIRST_CHUNK_GQA_BRANCH.removesuffix("_then"), dtypes=three)
+
+    def chunk_step():
+        return _if(first, first_chunk, then_write(lambda: with_cache(bias)), "attention",
+                   dtypes=three)
+
+    ctx, k_new, v_new = _if(decode, decode_gqa if gqa_dec else decode_step, chunk_step,
+                            DECODE_BRANCH.removesuffix("_then"), dtypes=three)
     # ctx is in the order the layer's o_proj reads, [B,T,H,D] (or [B,T,H*D] from GQA, or, in a
     # decode step, [B,KV,G,D], the same bytes when T = 1), so that the Transpose to the op's
     # [B,H,T,D] below meets the model's own transpose back (Attention.forward) and
@@ -589,8 +624,8 @@ def cache_writes_ordered(model_path: str) -> dict[str, bool]:
     every other node of that graph that reads the same cache (directly, or from its own branches
     by outer scope, as ONNX Runtime's planner counts an `If`'s inputs) is one of its ancestors,
     i.e. runs before it. A decode step's branch, which reads only what its ScatterND wrote (or
-    whose GroupQueryAttention is the only reader), passes trivially; a chunk's branch passes by
-    the update slice's dependency on the attention. Keyed by the writer's output name."""
+    whose GroupQueryAttention is the only reader), and a first chunk's GQA branch, pass
+    trivially; the other chunk branches pass by the update slice's dependency on the attention. Keyed by the writer's output name."""
     import onnx
 
     m = onnx.load(model_path, load_external_data=False)
@@ -644,4 +679,5 @@ def _outer_scope_names(node) -> set[str]:
     return used
 
 
-__all__ = ["g3_attention", "TRANSLATION_TABLE", "reset_shared", "cache_writes_ordered"]
+__all__ = ["g3_attention", "TRANSLATION_TABLE", "reset_shared", "cache_writes_ordered",
+           "DECODE_BRANCH", "FIRST_CHUNK_GQA_BRANCH"]

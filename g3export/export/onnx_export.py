@@ -33,7 +33,8 @@ The text component's I/O contract (`text_io()` builds it; the manifest stores it
 cast as they stream). Logits are
 always float32 (cast in the graph) so sampling is dtype-independent. `present_*` alias `past_*`:
 the runtime binds one buffer to both and the graph writes the chunk into it in place (ScatterND,
-see onnx_attention for why that is ordered after every read). Cache slot rule: slot = position
+or GroupQueryAttention's present outputs; see onnx_attention for why that is ordered after
+every read). Cache slot rule: slot = position
 mod S_i (g3export.modeling.cache).
 
 Graph details that matter for memory and speed (the passes run in this order after export):
@@ -48,7 +49,9 @@ Graph details that matter for memory and speed (the passes run in this order aft
   Last (after quantization), a float lm_head becomes an `If` on the row count: the 3-D weight
   for one row, a 2-D view of the same bytes (pre-packed by ORT) for a batched decode step
   (g3export.export.onnx_lm_head: at 8 rows the 3-D weight is 3x slower), and a quantized one a
-  MatMulNBits (g3export.export.onnx_quant), which takes the B*T rows in one GEMM.
+  MatMulNBits (g3export.export.onnx_quant), which takes the B*T rows in one GEMM. After it,
+  `_lookup_by_gather_elements` turns a float lookup's Gather into a GatherElements of the same
+  elements, which ONNX Runtime's CPU runs in less than half the time (its docstring).
 * `_fold_weight_transposes`: the other Linear weights come out of torch.onnx as
   `MatMul(x, Transpose(W))`; W^T is stored as the initializer (lazily, at write time) so ORT has
   nothing to fold and no weight is transposed at session start.
@@ -60,6 +63,9 @@ Graph details that matter for memory and speed (the passes run in this order aft
   `_late_q_transpose` keeps q in [B, T, H, D] through its norm and RoPE so that only the
   attention branches that want [B, H, T, D] transpose it (not the first chunk's GQA, which wants
   [B, T, H*D], nor a decode step, where T = 1 makes the two the same bytes),
+  `_rotary_into_gqa` lets a first chunk's GroupQueryAttention rotate q and k itself and moves
+  each RotaryEmbedding into the If branches that still read its output, so a first chunk runs
+  none,
   `_fuse_sibling_matmuls` makes q/k/v (and, in quantized graphs, gate/up: its docstring says
   why not in float ones) one MatMul each on weights concatenated along N (initializer named
   "a.T+b.T+...", which verify splits back), followed by a Split, and
@@ -96,7 +102,7 @@ from .graph_io import OPSET, ComponentIO, TensorSpec, text_io
 from .onnx_attention import TRANSLATION_TABLE, reset_shared
 from .onnx_passes import (_cancel_transposes, _drop_unused_initializers, _fold_weight_transposes,
                           _fuse_rms_norm, _fuse_rotary, _fuse_sibling_matmuls, _fuse_skip_norm,
-                          _late_q_transpose,
+                          _late_q_transpose, _lookup_by_gather_elements, _rotary_into_gqa,
                           _merge_reshapes, _strip_metadata, _take_over, _tie_lm_head,
                           _unit_transposes_to_reshape)
 from .stream import attach_recipes, save_with_external_data
@@ -210,6 +216,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
     if for_ort:
         _fuse_rotary(m, max_context)  # ONNX Runtime contrib op: only in graphs for ORT
         _late_q_transpose(m)
+        _rotary_into_gqa(m)
         _fuse_sibling_matmuls(m, min_group=2 if quant is not None else 3)  # gate/up: quantized
         _fuse_skip_norm(m)
         _cancel_transposes(m)
@@ -231,6 +238,7 @@ def export_text(model: Gemma3Model, out_dir: str | Path, max_context: int, dtype
         from .onnx_lm_head import split_lm_head_by_rows
 
         split_lm_head_by_rows(m)
+        _lookup_by_gather_elements(m)
     _drop_unused_initializers(m)
     _strip_metadata(m)
     m.ir_version = ir_version_for(opset)

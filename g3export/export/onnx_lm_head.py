@@ -13,7 +13,8 @@ machine, 2026-12-02): 3-D 19.5 / 76.9 / 86.8 ms at 1 / 2 / 8 rows, MLAS's pre-pa
                   else: Reshape(MatMul(Reshape(x, [rows, hidden]),     # pre-packed by ORT
                                        E^T viewed as [hidden, vocab]), [B, T, vocab]))
 
-with rows = B*T for x [B, T, hidden] (T is 1 but in an all-logits build).
+with rows = B*T for x [B, T, hidden] (T is 1 but in an all-logits build), counted from the graph's
+inputs (start_pos [B], or input_ids [B, seq] in an all-logits build).
 
 The 2-D initializer is an alias of E^T's bytes (the writer points both at one range of the .data
 file, g3export.export.stream): the build holds the lm_head once. In memory, ONNX Runtime keeps
@@ -71,11 +72,20 @@ def split_lm_head_by_rows(m: ir.Model) -> bool:
     for n, out in ((one_row, "one_row"), (flat, "flat"), (packed, "packed"), (shape, "shape"),
                    (back, "rows")):
         n.outputs[0].name = f"lm_head_{out}"
-    rows = ir.node("ReduceProd", [dims.outputs[0]], attributes={"keepdims": 1})
+    # the row count from the graph's inputs, not from Shape(x): ORT's shape inference does not
+    # carry [batch, seq] through the embedding lookup's Reshape to a computed shape
+    # (onnx_passes._lookup_by_gather_elements), so Shape(x) would not fold. x is [B, 1, hidden]
+    # (the last position: rows = B = Shape(start_pos), which a batch-1 session's override
+    # makes a constant; ORT does not fold Shape(input_ids, end=1) while seq is symbolic) or
+    # [B, seq, hidden] in an all-logits build (rows = B*seq, never a constant)
+    last_only = x.shape is not None and len(x.shape) == 3 and x.shape[1] == 1
+    (src,) = [v for v in g.inputs if v.name == ("start_pos" if last_only else "input_ids")]
+    ids_dims = ir.node("Shape", [src])
+    rows = ir.node("ReduceProd", [ids_dims.outputs[0]], attributes={"keepdims": 1})
     is_one = ir.node("Equal", [rows.outputs[0], _int64_initializer(g, "lm_head_one", [1])])
     pick = ir.node("If", [is_one.outputs[0]],
                    attributes={"then_branch": then_g, "else_branch": else_g})
-    g.insert_before(mm, [dims, rows, is_one, pick])
+    g.insert_before(mm, [dims, ids_dims, rows, is_one, pick])
     _take_over(mm.outputs[0], pick.outputs[0])
     g.remove(mm, safe=True)
     return True

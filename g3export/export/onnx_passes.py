@@ -19,6 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnx_ir.tensor_adapters import TorchTensor
 
 from ..dtypes import DTYPES
+from .onnx_attention import DECODE_BRANCH
 from .stream import Recipe, StreamTensor, stream_tensor
 
 
@@ -67,7 +68,9 @@ def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
     rows in 0.2 ms), and its Transpose moves one axis (hidden, to the end), which ONNX Runtime's
     CPU Transpose does in a fast path: 1.06 ms where the perm [2, 3, 1, 0] it replaced took
     3.07 ms, same result (`benchmarks/prefill_profile.py --runs 3 --threads 2` on the 270M fp32,
-    2-vCPU Xeon, 2026-12-03; BENCHMARKS.md 1.8). torch.onnx's own form,
+    2-vCPU Xeon, 2026-12-03; BENCHMARKS.md 1.8). This is the form the later passes match (the
+    quantizer's GatherBlockQuantized); a float lookup ends as a GatherElements of the same
+    elements (`_lookup_by_gather_elements`, after quantization). torch.onnx's own form,
     MatMul(x, Transpose(E)), would make ORT's constant folding store a second, transposed copy
     of the embedding (1 GiB at 12B bf16).
     """
@@ -106,6 +109,58 @@ def _tie_lm_head(m: ir.Model, embed_name: str) -> None:
         raise RuntimeError(f"expected one embedding lookup and one lm_head MatMul on the "
                            f"embedding, rewrote {n_lookup} and {n_head}")
     g.initializers.pop(e.name)
+
+
+def _lookup_by_gather_elements(m: ir.Model) -> int:
+    """The float embedding lookup that `_tie_lm_head` writes, Squeeze(Transpose(Gather(E^T, ids,
+    axis=2), [0, 2, 3, 1]), 0), becomes
+
+        Reshape(Transpose(GatherElements(E^T, Expand(Reshape(ids, [1, 1, -1]), [1, hidden, 1]),
+                                         axis=2), [0, 2, 1]), Concat(Shape(ids), [hidden]))
+
+    the same values: E^T[0, h, ids[b, t]] for every (b, t, h), read by GatherElements over the
+    [1, hidden, B*T] indices (the tokens of all rows along the last axis, because
+    GatherElements' index dims may not exceed the data's: E^T's batch axis is 1).
+    Why: both read `hidden` strided elements per token from the one stored table (a cache miss
+    each), and ONNX Runtime 1.32's CPU GatherElements does it in less than half the time of its
+    Gather on the inner axis: `python benchmarks/embedding_lookup.py` (512 tokens of the 270M's
+    table, caches evicted before every run, 2 threads, 2-vCPU AVX-512 Xeon, 2026-12-04): median
+    2.18 ms against 5.45 ms (BENCHMARKS.md section 1.9); in a 512-token prefill's profile the
+    lookup went from 6.5 ms (Gather + Transpose) to 2.5 ms.
+    Run after quantization, which replaces a quantized lookup by GatherBlockQuantized (then
+    there is nothing to rewrite). Only in graphs for ONNX Runtime. Returns the lookups
+    rewritten."""
+    from onnx_ir.convenience import get_const_tensor
+
+    g = m.graph
+    done = 0
+    for gather in [n for n in g if n.op_type == "Gather"]:
+        e, ids = gather.inputs
+        axis = gather.attributes.get("axis")
+        tr = _single_use(gather.outputs[0], "Transpose")
+        sq = _single_use(tr.outputs[0], "Squeeze") if tr is not None else None
+        if axis is None or axis.value != 2 or e is None or e.const_value is None \
+                or e.shape is None or len(e.shape) != 3 or e.shape[0] != 1 or sq is None \
+                or list(tr.attributes["perm"].value) != [0, 2, 3, 1]:
+            continue
+        axes = get_const_tensor(sq.inputs[1]) if len(sq.inputs) > 1 else None
+        if axes is None or axes.numpy().tolist() != [0]:
+            continue
+        hidden = e.shape[1]
+        const = functools.partial(_int64_initializer, g)
+        flat = ir.node("Reshape", [ids, const(f"{gather.name}_flat", [1, 1, -1])])
+        idx = ir.node("Expand", [flat.outputs[0], const(f"{gather.name}_rows", [1, hidden, 1])])
+        ge = ir.node("GatherElements", [e, idx.outputs[0]], attributes={"axis": 2})
+        tr2 = ir.node("Transpose", [ge.outputs[0]], attributes={"perm": [0, 2, 1]})
+        shp = ir.node("Shape", [ids])
+        full = ir.node("Concat", [shp.outputs[0], const(f"{gather.name}_hidden", [hidden])],
+                       attributes={"axis": 0})
+        out = ir.node("Reshape", [tr2.outputs[0], full.outputs[0]])  # [B, T, hidden]
+        g.insert_before(gather, [flat, idx, ge, tr2, shp, full, out])
+        _take_over(sq.outputs[0], out.outputs[0])
+        g.remove([sq, tr, gather], safe=True)
+        done += 1
+    return done
 
 
 def _fold_weight_transposes(m: ir.Model) -> None:
@@ -473,7 +528,7 @@ def _late_q_transpose(m: ir.Model) -> int:
 
     and each use of the old [B, H, T, D] value, in the If branches of the translation, becomes:
     * Reshape(Transpose(q), [0, -1, H*D]) (GQA's first chunk)  -> the 3-D value itself;
-    * a Reshape of q in the decode branch ("step_then": T = 1, where [B, 1, H*D] has the bytes
+    * a Reshape of q in the decode branch (DECODE_BRANCH: T = 1, where [B, 1, H*D] has the bytes
       of [B, H, 1, D])                                        -> the same Reshape of it;
     * any other Reshape (the chunk paths with a cache)         -> of Transpose(Reshape(it,
       [0, 0, H, D]), [0, 2, 1, 3]) made in that branch.
@@ -509,7 +564,7 @@ def _late_q_transpose(m: ir.Model) -> int:
                     and len(nxt) == 1 and target(nxt[0][0]) == [0, -1, h * d]:
                 plan.append(("gqa", user))
             elif user.op_type == "Reshape" and target(user) is not None:
-                plan.append(("step" if user.graph is not None and user.graph.name == "step_then"
+                plan.append(("step" if user.graph is not None and user.graph.name == DECODE_BRANCH
                              else "chunk", user))
             else:
                 plan = []
@@ -545,6 +600,90 @@ def _late_q_transpose(m: ir.Model) -> int:
         g.remove([rot, tr], safe=True)
         n_done += 1
     return n_done
+
+
+def _rotary_into_gqa(m: ir.Model) -> int:
+    """A first chunk's GroupQueryAttention (the branch FIRST_CHUNK_GQA_BRANCH of the attention
+    translation) rotates q and k itself: do_rotary=1 with the layer's constant cos/sin tables as
+    cos_cache/sin_cache, reading q and k before `_fuse_rotary`'s RotaryEmbedding (through the
+    same Reshape/Transpose that lay them out for it). Then each of those RotaryEmbeddings runs
+    only in the If branches that still read its output (a copy at the top of each branch graph
+    that uses it), not in the main graph, where it ran whatever branch was taken. A first chunk
+    thus runs no RotaryEmbedding (GenAI's graph leaves RoPE to its GQA too), and a decode step
+    or a later chunk runs the same two per layer as before, inside its branch.
+    GQA's rotary positions in a first prompt (seqlens_k = T - 1 = total - 1) are 0..T-1, the
+    model's own for a chunk where every row starts at 0. Only with the constant tables
+    (`_fuse_rotary(m, max_context)`): the per-step form indexes its cos/sin by arange(B*T).
+    Not done for the full layers' decode-step GQA (DECODE_BRANCH), whose positions would be right
+    too (seqlens_k = start_b): in benchmarks/ort_ab.py (270M int4, 2-vCPU Xeon, 2026-12-03) it
+    measured x1.010 the decode step's CPU time against x1.000 without it, inside the noise floor
+    but no gain to show for it. Returns the number of GQA nodes changed."""
+    from .onnx_attention import FIRST_CHUNK_GQA_BRANCH
+
+    g = m.graph
+
+    def through_layout(v: ir.Value, sub: ir.Graph):
+        """(rotary node, [layout nodes from its output to v]) if v is a RotaryEmbedding output of
+        the main graph reached by Reshapes/Transposes made in `sub`, else None."""
+        chain = []
+        while True:
+            p = v.producer()
+            if p is None:
+                return None
+            if p.op_type == "RotaryEmbedding" and p.graph is g:
+                return p, chain[::-1]
+            if p.op_type not in ("Reshape", "Transpose") or p.graph is not sub:
+                return None
+            chain.append(p)
+            v = p.inputs[0]
+
+    moved: dict[int, ir.Node] = {}
+    for gqa in [n for n in g.all_nodes() if n.op_type == "GroupQueryAttention"]:
+        sub = gqa.graph
+        if sub is g or sub.name != FIRST_CHUNK_GQA_BRANCH or "do_rotary" in gqa.attributes:
+            continue
+        found = [through_layout(gqa.inputs[i], sub) for i in (0, 1)]
+        if None in found:
+            continue
+        (rq, q_chain), (rk, k_chain) = found
+        if rq.inputs[2] is not rk.inputs[2] or rq.inputs[3] is not rk.inputs[3] \
+                or rq.inputs[2].const_value is None:
+            continue  # not one layer's tables
+        for i, (rot, chain) in enumerate(((rq, q_chain), (rk, k_chain))):
+            x = rot.inputs[0]
+            for j, node in enumerate(chain):  # the same layout, of the unrotated value
+                copy = ir.node(node.op_type, [x, *node.inputs[1:]],
+                               attributes=dict(node.attributes))
+                sub.insert_before(gqa, copy)
+                copy.outputs[0].name = f"{gqa.name}_{rot.outputs[0].name}_unrot_{j}"
+                x = copy.outputs[0]
+            gqa.replace_input_with(i, x)
+            moved[id(rot)] = rot
+        for node in [*q_chain[::-1], *k_chain[::-1]]:  # from the GQA back: a user first
+            if not any(True for _ in node.outputs[0].uses()):
+                sub.remove(node, safe=True)
+        if len(gqa.inputs) < 9:
+            gqa.resize_inputs(9)
+        gqa.replace_input_with(7, rq.inputs[2])
+        gqa.replace_input_with(8, rq.inputs[3])
+        gqa.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+        gqa.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 0)
+    for rot in moved.values():  # one copy per branch graph that reads it
+        uses = list(rot.outputs[0].uses())
+        if any(u.graph is g for u, _ in uses) or rot.outputs[0].is_graph_output():
+            continue
+        copies: dict[int, ir.Value] = {}
+        for user, i in uses:
+            sub = user.graph
+            if id(sub) not in copies:
+                copy = ir.node("RotaryEmbedding", list(rot.inputs),
+                               attributes=dict(rot.attributes), domain="com.microsoft")
+                sub.insert_before(next(iter(sub)), copy)
+                copy.outputs[0].name = f"{rot.outputs[0].name}_{sub.name}"
+                copies[id(sub)] = copy.outputs[0]
+            user.replace_input_with(i, copies[id(sub)])
+        g.remove(rot, safe=True)
+    return len(moved) // 2
 
 
 def _unit_transposes_to_reshape(m: ir.Model) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from g3export.export.build import build
 from g3export.export.manifest import FORMAT_VERSION, BuildError, load_build
-from g3export.export.onnx_attention import cache_writes_ordered
+from g3export.export.onnx_attention import FIRST_CHUNK_GQA_BRANCH, cache_writes_ordered
 from g3export.export.onnx_export import initializer_bytes
 from g3export.runtimes.verify import verify
 from g3export.modeling.cache import kv_layout
@@ -58,7 +58,9 @@ def _greedy_run(sess, prompt: np.ndarray, chunks: list[int], new_tokens: int):
     return out, toks
 
 
-@pytest.mark.parametrize("prompt_len,chunks", [(3, [3]), (40, [5, 11, 24])])
+# (20, [20]): a first chunk longer than the sliding layers' ring (window 8), which takes the
+# product path instead of GroupQueryAttention (onnx_attention: GQA writes the chunk only if T <= S)
+@pytest.mark.parametrize("prompt_len,chunks", [(3, [3]), (40, [5, 11, 24]), (20, [20])])
 def test_parity_with_eager(built, prompt_len, chunks):
     out, model = built
     sess = OrtSession.from_build(out)
@@ -207,6 +209,24 @@ def test_cache_is_written_in_place(built):
     assert [ov.data_ptr() for ov in sess.cache_ortvalues()] == ptrs
 
 
+def test_first_chunk_writes_only_its_slots(built):
+    """A first chunk's cache write (GroupQueryAttention's present, onnx_attention) changes the
+    chunk's slots and nothing else of the bound buffers: GQA writes in place only when its past
+    and present are one buffer, through the three `If`s above it; a separate present would come
+    back zeroed past the chunk (and cost a copy)."""
+    out, model = built
+    sess = OrtSession.from_build(out)
+    for a in sess.cache_arrays:
+        a.fill(7.0)
+    prompt = np.random.default_rng(5).integers(0, 512, (1, 6))
+    sess.forward(prompt, 0)
+    ref = TorchSession(model, MAX_CONTEXT)
+    ref.forward(prompt, 0)
+    for got, want in zip(sess.cache_arrays, ref.caches):
+        np.testing.assert_allclose(got[:, :, :6], want.numpy()[:, :, :6], atol=1e-5)
+        assert (got[:, :, 6:] == 7.0).all()
+
+
 def test_kv_bytes_measured(built):
     out, _ = built
     sess = OrtSession.from_build(out)
@@ -254,23 +274,38 @@ def test_embedding_stored_once(built):
 
 def test_graph_passes_applied(built):
     """The exporter's rewrites for ONNX Runtime took effect on this graph (parity is checked by
-    the tests above): RoPE fused to RotaryEmbedding for q and k on every layer, reading constant
-    cos/sin tables of max_context positions (one pair per layer type) at the model's positions,
-    with nothing of RoPE computed per step (no Cos/Sin), q/k/v one MatMul
+    the tests above): RoPE fused to RotaryEmbedding for q and k, or into GroupQueryAttention,
+    reading constant cos/sin tables of max_context positions (one pair per layer type) at the
+    model's positions, with nothing of RoPE computed per step (no Cos/Sin), q/k/v one MatMul
     on concatenated weights (gate/up are not fused in a float graph: _fuse_sibling_matmuls),
     residual Adds fused into the next norm, and
-    the tied embedding read by a Gather and a MatMul on the same [1, hidden, vocab] initializer."""
+    the tied embedding read by a GatherElements (the lookup, _lookup_by_gather_elements) and a
+    MatMul on the same [1, hidden, vocab] initializer."""
     import onnx_ir as ir
 
     out, model = built
     m = ir.load(out / "text.onnx")
     ops = [n.op_type for n in m.graph]
-    layers = model.config.text.num_hidden_layers
-    assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
-    assert "Cos" not in ops and "Sin" not in ops
-    rotary = [n for n in m.graph if n.op_type == "RotaryEmbedding"]
+    cfg = model.config.text
+    layers, full = cfg.num_hidden_layers, cfg.layer_types.count("full_attention")
+    assert "Neg" not in ops and "Cos" not in ops and "Sin" not in ops
+    # a first chunk's GQA rotates q and k itself (onnx_passes._rotary_into_gqa), on every layer;
+    # RotaryEmbedding runs only in the branches that still read rotated q/k (a decode step, whose
+    # full layers' GQA does not rotate, and the chunk paths with a mask), none of them on a first
+    # chunk's path
+    everything = list(m.graph.all_nodes())
+    gqa = [n for n in everything if n.op_type == "GroupQueryAttention"]
+    first = [n for n in gqa if n.graph.name == FIRST_CHUNK_GQA_BRANCH]
+    assert len(first) == layers and len(gqa) == layers + full
+    assert all(n.attributes["do_rotary"].value == 1 for n in first)
+    assert not [n for n in gqa if n not in first and "do_rotary" in n.attributes]
+    rotary = [n for n in everything if n.op_type == "RotaryEmbedding"]
+    first_path = {"step_else", "attention_then", FIRST_CHUNK_GQA_BRANCH}
+    assert rotary and not [n for n in rotary if n.graph.name in first_path or n.graph is m.graph]
+    # the constant cos/sin tables of max_context positions, one pair per layer type, shared
     tables = {id(v): v for n in rotary for v in n.inputs[2:]}
-    head_dim, types = model.config.text.head_dim, set(model.config.text.layer_types)
+    assert {id(v) for n in first for v in n.inputs[7:9]} <= set(tables)
+    head_dim, types = cfg.head_dim, set(cfg.layer_types)
     assert len(tables) == 2 * len(types) == 4  # cos and sin, sliding and full
     assert all(list(v.shape) == [MAX_CONTEXT, head_dim // 2] and v.const_value is not None
                for v in tables.values())
@@ -284,11 +319,13 @@ def test_graph_passes_applied(built):
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
     vocab, hidden = model.language_model.embed_tokens.weight.shape
     (emb,) = [v for v in m.graph.initializers.values() if list(v.shape) == [1, hidden, vocab]]
-    assert sorted(n.op_type for n, _ in emb.uses()) == ["Gather", "MatMul"]
+    assert sorted(n.op_type for n, _ in emb.uses()) == ["GatherElements", "MatMul"]
+    assert not [n for n in m.graph if n.op_type == "Gather"]  # the lookup's strided Gather
 
 
 def test_write_depends_on_attention(built):
-    """Every cache write (ScatterND) is ordered after the attention reads, in the graph ORT runs."""
+    """Every cache write (ScatterND, or GQA's present) is ordered after the attention reads, in
+    the graph ORT runs."""
     import onnxruntime as ort
 
     from g3export.runtimes.ort_session import session_options
@@ -298,9 +335,10 @@ def test_write_depends_on_attention(built):
     ort.InferenceSession(str(out / "text.onnx"), session_options(optimized_path=str(opt)),
                          providers=["CPUExecutionProvider"])
     deps = cache_writes_ordered(str(opt))
-    # k and v, in the decode branch (a ScatterND, or GQA's in-place present on full layers) and
-    # in the chunk branch of every layer
-    assert len(deps) == 4 * preset("tiny").text.num_hidden_layers
+    # k and v of every layer, in its four paths: the decode step (a ScatterND, or GQA's in-place
+    # present on full layers), a first chunk through GQA (its present) or not (ScatterND), and
+    # any other chunk (ScatterND)
+    assert len(deps) == 8 * preset("tiny").text.num_hidden_layers
     assert all(deps.values()), deps
 
 
